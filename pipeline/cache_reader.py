@@ -1,0 +1,184 @@
+"""Reads and verifies a feature cache (no easydel/torch: the trainer uses it).
+
+`open_cache(dir)` -> CacheReader: `.manifest`, `len()`, `[i]` -> dict(input_ids, loss_mask,
+features) of sequence i, iteration in sequence order, `.paths` / `.grain_paths` (what
+`grain.sources.ArrayRecordDataSource` takes; its key i is sequence i too) and `verify()`.
+Nothing loads a whole part: records are read one at a time.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from array_record.python.array_record_module import ArrayRecordReader
+
+from pipeline.cache_format import (
+    MANIFEST_NAME, CacheManifest, PartInfo, decode_record, read_json)
+from pipeline.errors import UserError
+from pipeline.ledger import Ledger
+
+# readahead 0: random access reads exactly one record (Grain uses the same option).
+_RANDOM_OPTIONS = "readahead_buffer_size:0"
+_MAX_OPEN_READERS = 16
+
+
+class CacheError(UserError):
+    """A cache is missing, incomplete or corrupted."""
+
+
+def _open_reader(path: Path, options: str) -> ArrayRecordReader:
+    try:
+        reader = ArrayRecordReader(str(path), options)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CacheError(f"cannot open {path}: {' '.join(str(e).split())}") from e
+    if not reader.ok():
+        raise CacheError(f"{path} is not a readable ArrayRecord file (truncated or corrupted)")
+    return reader
+
+
+def _close_quietly(reader: ArrayRecordReader) -> None:
+    try:
+        reader.close()
+    except RuntimeError:  # a corrupted file also fails on close; the caller already raised
+        pass
+
+
+def file_crc32(path: Path, block: int = 1 << 22) -> int:
+    """CRC32 of a file's bytes, streamed (ArrayRecord files have unhashed padding and headers,
+    so the reader's own chunk hashes miss some flips; a whole-file CRC misses none)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify_part(directory: Path, part: PartInfo, record_nbytes: int) -> None:
+    """Raise CacheError unless the part has its committed size, CRC32 and record count."""
+    path = Path(directory) / part.file
+    if not path.exists():
+        raise CacheError(f"{path} is missing")
+    size = path.stat().st_size
+    if size != part.bytes:
+        raise CacheError(f"{path} has {size} bytes, the ledger committed {part.bytes} (truncated "
+                         "or overwritten)")
+    crc = file_crc32(path)
+    if crc != part.crc32:
+        raise CacheError(f"{path} is corrupted: CRC32 {crc:#010x} != committed {part.crc32:#010x}")
+    reader = _open_reader(path, _RANDOM_OPTIONS)
+    try:
+        if reader.num_records() != part.records:
+            raise CacheError(f"{path} holds {reader.num_records()} records, expected {part.records}")
+    finally:
+        _close_quietly(reader)
+
+
+class CacheReader:
+    """Random access and streaming over the committed records of a cache, in sequence order."""
+
+    def __init__(self, directory: Path, manifest: CacheManifest, parts: Sequence[PartInfo]):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.layout = manifest.layout
+        # (part, shard) order == sequence order (see cache_format).
+        self.parts = tuple(sorted(parts, key=lambda p: (p.part, p.shard)))
+        self._starts = [0]
+        for p in self.parts:
+            self._starts.append(self._starts[-1] + p.records)
+        self._readers: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def paths(self) -> list[str]:
+        """The part files in sequence order."""
+        return [str(self.directory / p.file) for p in self.parts]
+
+    @property
+    def grain_paths(self) -> list[str]:
+        """`path[0:n]` strings: ArrayRecordDataSource then opens no file to count records."""
+        return [f"{self.directory / p.file}[0:{p.records}]" for p in self.parts]
+
+    def read_bytes(self, index: int) -> bytes:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} out of range for a cache of {len(self)}")
+        index %= len(self)
+        k = bisect.bisect_right(self._starts, index) - 1
+        return self._reader(k).read([index - self._starts[k]])[0]
+
+    def __getitem__(self, index: int) -> dict:
+        return decode_record(self.read_bytes(int(index)), self.manifest)
+
+    def __iter__(self) -> Iterator[dict]:
+        for part in self.parts:
+            reader = _open_reader(self.directory / part.file, _RANDOM_OPTIONS)
+            try:
+                for _ in range(part.records):
+                    yield decode_record(reader.read(), self.manifest)
+            finally:
+                reader.close()
+
+    def verify(self) -> int:
+        """Check every part's size, record count and CRC32; returns the records checked."""
+        for part in self.parts:
+            verify_part(self.directory, part, self.manifest.record_nbytes)
+        return len(self)
+
+    def close(self) -> None:
+        with self._lock:
+            for r in self._readers.values():
+                r.close()
+            self._readers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _reader(self, k: int) -> ArrayRecordReader:
+        # Bounded LRU of open files: caches may hold thousands of parts.
+        with self._lock:
+            if k in self._readers:
+                self._readers.move_to_end(k)
+                return self._readers[k]
+            reader = _open_reader(self.directory / self.parts[k].file, _RANDOM_OPTIONS)
+            self._readers[k] = reader
+            while len(self._readers) > _MAX_OPEN_READERS:
+                self._readers.popitem(last=False)[1].close()
+            return reader
+
+
+def load_manifest(directory: Path) -> CacheManifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        raise CacheError(f"no feature cache at {directory} ({MANIFEST_NAME} not found)")
+    try:
+        return CacheManifest.from_json(read_json(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"{path} is not a valid cache manifest: {e}") from e
+
+
+def open_cache(directory, *, verify: bool = False, allow_incomplete: bool = False) -> CacheReader:
+    """Open the cache in `directory`. An unfinished dump is refused unless allow_incomplete,
+    which then exposes the records its ledger committed."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if manifest.complete:
+        parts = manifest.parts
+    elif allow_incomplete:
+        ledger = Ledger.load(directory)
+        parts = ledger.parts if ledger is not None else ()
+    else:
+        raise CacheError(f"the cache at {directory} is incomplete: rerun the dump command to "
+                         "finish it (or pass allow_incomplete=True)")
+    reader = CacheReader(directory, manifest, parts)
+    if verify:
+        reader.verify()
+    return reader

@@ -1,0 +1,145 @@
+"""What the dump reads: the teacher's identity and shape, the teacher itself, and the sequences.
+
+`teacher_info` needs only the snapshot's config.json (no weights), so a rerun against a finished
+cache, or one with mismatched settings, is answered before the expensive teacher load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+GPT_OSS_MASK_TOKEN_ID = 200000  # a reserved id of the o200k_harmony vocabulary (DFLASH.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherInfo:
+    num_layers: int
+    hidden_size: int
+    identity: dict  # goes into the manifest; part of the cache's settings
+    data_identity: dict
+    model_path: Path | None = None
+    tokenizer: str | None = None
+    mask_token_id: int | None = None
+    vocab_size: int | None = None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_sha256(path: Path) -> str:
+    """Hash of the weights index, or of each safetensors header (names, shapes, offsets) + size:
+    identifies the weights without reading tens of GB."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return _sha256_file(index)
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f.name.encode() + f.stat().st_size.to_bytes(8, "little") + fh.read(n))
+    return h.hexdigest()
+
+
+def _as_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, dict):
+        return cfg
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return dict(vars(cfg))
+
+
+def data_identity(data: str | None) -> dict:
+    """The data source and a fingerprint of its files (names and sizes: cheap to stat)."""
+    if data is None or data.startswith("builtin"):
+        return {"source": data or "builtin"}
+    paths = sorted(glob.glob(data, recursive=True)) if any(c in data for c in "*?[") else [data]
+    h, count = hashlib.sha256(), 0
+    for p in paths:
+        p = Path(p)
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                h.update(f"{f.resolve()}\0{f.stat().st_size}\0".encode())
+                count += 1
+    return {"source": os.path.abspath(data) if paths == [data] else data, "files": count,
+            "fingerprint": h.hexdigest()[:16]}
+
+
+def _mask_token_id(cfg: dict, model_path: Path | None):
+    if cfg.get("mask_token_id") is not None:
+        return int(cfg["mask_token_id"])
+    if model_path is not None and (model_path / "tokenizer_config.json").exists():
+        tok_cfg = json.loads((model_path / "tokenizer_config.json").read_text())
+        if tok_cfg.get("mask_token_id") is not None:
+            return int(tok_cfg["mask_token_id"])
+    return GPT_OSS_MASK_TOKEN_ID if cfg.get("model_type") == "gpt_oss" else None
+
+
+def _snapshot_info(config, path: Path) -> TeacherInfo:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{path} has no config.json: not a model snapshot")
+    cfg = json.loads(cfg_path.read_text())
+    identity = {"path": str(path), "config_sha256": _sha256_file(cfg_path),
+                "weights_sha256": _weights_sha256(path), "model_type": cfg.get("model_type")}
+    tokenizer = str(path) if any((path / f).is_file() for f in (
+        "tokenizer.json", "tokenizer_config.json")) else None
+    return TeacherInfo(
+        int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), identity,
+        data_identity(config.data), path, tokenizer, _mask_token_id(cfg, path),
+        cfg.get("vocab_size"))
+
+
+def teacher_info(config, teacher=None) -> TeacherInfo:
+    """Shape and identity of the teacher named by config.model, or of an injected one (a loaded
+    `Teacher` is identified by its snapshot; a stand-in by its `identity` attribute)."""
+    if teacher is None:
+        from pipeline.models import resolve_model
+        return _snapshot_info(config, Path(resolve_model(config.model)).resolve())
+    path = getattr(teacher, "path", None)
+    if path is not None and (Path(path) / "config.json").is_file():
+        return _snapshot_info(config, Path(path).resolve())
+    cfg = _as_dict(getattr(teacher, "config", None))
+    identity = dict(getattr(teacher, "identity", None) or {"path": config.model})
+    return TeacherInfo(
+        int(teacher.num_layers), int(teacher.hidden_size), identity, data_identity(config.data),
+        None, getattr(teacher, "tokenizer_path", None), _mask_token_id(cfg, None),
+        cfg.get("vocab_size"))
+
+
+def load_teacher(config, info: TeacherInfo):
+    """The EasyDeL teacher (imported here: the cache modules must not pull in easydel)."""
+    import jax.numpy as jnp
+
+    from pipeline.teacher import Teacher
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config.dtype]
+    return Teacher.from_pretrained(str(info.model_path), dtype=dtype,
+                                   sharding_axis_dims=config.sharding_axis_dims)
+
+
+def default_sequences(config, info: TeacherInfo):
+    """The packed (input_ids, loss_mask) sequences of --data, tokenized by the teacher's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data import iter_sequences
+    if info.tokenizer is None:
+        raise UserError("the teacher has no tokenizer to encode --data with")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(info.tokenizer)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {info.tokenizer}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return iter_sequences(config.data, tokenizer, config.seq_len)

@@ -1,0 +1,92 @@
+"""Dump the teacher's per-token features into a sharded, resumable cache.
+
+    python -m pipeline.teacher_dump --model tiny --shards 8 --seq-len 256 --max-seqs 64
+    python -m pipeline.teacher_dump --model openai/gpt-oss-20b --data chats.jsonl --shards 64
+
+Rerun the same command after an interruption to resume; a finished cache is left as it is.
+Prints one JSON line at the end: {sequences, tokens, bytes, seconds, tokens_per_s, ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.dump import DumpConfig, run_dump
+from pipeline.errors import UserError
+
+_D = DumpConfig()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _axis_dims(text):
+    if text is None:
+        return None
+    from pipeline.jax_setup import parse_axis_dims  # no jax import at module level
+    return parse_axis_dims(text)
+
+
+def parse_args(argv=None) -> DumpConfig:
+    p = argparse.ArgumentParser(prog="python -m pipeline.teacher_dump", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    dflt = " (default %(default)s)"
+    add = p.add_argument
+    add("--model", default=_D.model,
+        help="HF snapshot dir, repo id in the local HF cache, or 'tiny'" + dflt)
+    add("--data", default=None, help="text/.py files, dir, glob, .jsonl, parquet or saved "
+        "dataset (default: the built-in corpus)")
+    add("--out", default=_D.out, help="cache directory" + dflt)
+    add("--shards", type=int, default=_D.shards, help="number of shards" + dflt)
+    add("--seq-len", type=int, default=_D.seq_len, help="tokens per sequence" + dflt)
+    add("--batch-size", type=int, default=_D.batch_size, help="sequences per teacher call" + dflt)
+    add("--layer-ids", type=_ints, default=None,
+        help="comma-separated teacher layer ids (default: build_target_layer_ids(L, K))")
+    add("--num-layers", type=int, default=_D.num_layers,
+        help="K, the number of teacher layers when --layer-ids is not given" + dflt)
+    add("--sharding-axis-dims", default=None, help="EasyDeL mesh sizes dp,fsdp,ep,tp,sp, "
+        "e.g. 1,1,1,8,1 (default: sized to the devices)")
+    add("--max-seqs", type=int, default=None, help="stop after this many sequences")
+    add("--overwrite", action="store_true", help="delete an existing cache in --out first")
+    add("--dtype", default=_D.dtype, choices=("bfloat16", "float32"),
+        help="teacher compute dtype; features are stored as bfloat16" + dflt)
+    add("--commit-every", type=int, default=_D.commit_every,
+        help="sequences between ledger commits: the most work a crash loses" + dflt)
+    add("--block-size", type=int, default=_D.block_size,
+        help="draft block size; sequences must be longer" + dflt)
+    add("--queue-batches", type=int, default=_D.queue_batches,
+        help="batches buffered between device and writer" + dflt)
+    add("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    return DumpConfig(
+        model=a.model, data=a.data, out=a.out, shards=a.shards, seq_len=a.seq_len,
+        batch_size=a.batch_size, layer_ids=a.layer_ids, num_layers=a.num_layers,
+        sharding_axis_dims=_axis_dims(a.sharding_axis_dims), max_seqs=a.max_seqs,
+        overwrite=a.overwrite, dtype=a.dtype, commit_every=a.commit_every, block_size=a.block_size,
+        queue_batches=a.queue_batches, progress=not a.no_progress)
+
+
+def main(argv=None, *, teacher=None, sequences=None) -> int:
+    """CLI entry; `teacher`/`sequences` inject a stand-in (tests), as in `run_dump`."""
+    try:
+        config = parse_args(argv)
+        summary = run_dump(config, teacher=teacher, sequences=sequences,
+                           log=lambda msg: print(msg, file=sys.stderr))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume from the last commit",
+              file=sys.stderr)
+        return 130
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
