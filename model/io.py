@@ -1,0 +1,174 @@
+"""Draft checkpoints: the z-lab format (config.json + safetensors, reference names) and msgpack.
+
+z-lab names (what SGLang, vLLM and `dflash` load) hold torch Linear weights [out, in]; our params
+hold Flax kernels [in, out], so every kernel is transposed on the way in and out.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import DraftConfig
+from model.draft import param_shapes
+from pipeline.errors import UserError
+
+MSGPACK_FORMAT = "dflash-tpu-draft/1"
+_SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _hf_names(config: DraftConfig) -> dict[tuple, str]:
+    """Param path (tuple of keys / list indices) -> reference tensor name."""
+    names = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config),
+                                                        is_leaf=lambda x: isinstance(x, tuple))[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        names[keys] = ".".join(str(k) for k in keys[:-1]) + "." + _SUFFIX[keys[-1]]
+    return names
+
+
+def _set(tree, keys, value):
+    for k in keys[:-1]:
+        tree = tree[k]
+    tree[keys[-1]] = value
+
+
+def to_hf_state_dict(config: DraftConfig, params: dict) -> dict[str, np.ndarray]:
+    """Reference-named numpy tensors (kernels transposed to [out, in])."""
+    out = {}
+    for keys, name in _hf_names(config).items():
+        x = params
+        for k in keys:
+            x = x[k]
+        x = np.asarray(jax.device_get(x))
+        out[name] = np.ascontiguousarray(x.T if keys[-1] == "kernel" else x)
+    return out
+
+
+def from_hf_state_dict(config: DraftConfig, tensors: dict, dtype=None) -> dict:
+    """Params from reference-named tensors; every expected name must be there, with its shape."""
+    names = _hf_names(config)
+    missing = sorted(set(names.values()) - set(tensors))
+    extra = sorted(set(tensors) - set(names.values()) - {"rotary_emb.inv_freq"})
+    if missing or extra:
+        raise UserError(f"draft weights do not match the config: missing {missing[:5]}, "
+                        f"unexpected {extra[:5]}")
+    params = jax.tree.map(lambda _: None, param_shapes(config),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    for keys, name in names.items():
+        x = np.asarray(tensors[name])
+        x = x.T if keys[-1] == "kernel" else x
+        want = _lookup(param_shapes(config), keys)
+        if tuple(x.shape) != tuple(want):
+            raise UserError(f"{name}: shape {tuple(x.shape)} but the config needs {tuple(want)}")
+        _set(params, keys, jnp.asarray(x, dtype=dtype or x.dtype))
+    return params
+
+
+def _lookup(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _dtype_name(params) -> str:
+    return str(jax.tree.leaves(params)[0].dtype)
+
+
+def save_draft(path, config: DraftConfig, params: dict, dtype=None) -> Path:
+    """Write the z-lab format: <path>/config.json and <path>/model.safetensors."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    (path / "config.json").write_text(
+        json.dumps(config.to_hf_dict(dtype=_dtype_name(params)), indent=2) + "\n")
+    save_file(to_hf_state_dict(config, params), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors weights")
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(str(path / name)))
+    return tensors
+
+
+def load_config(path) -> DraftConfig:
+    """DraftConfig of a z-lab checkpoint directory (or of its config.json)."""
+    path = Path(path)
+    cfg = path / "config.json" if path.is_dir() else path
+    if not cfg.is_file():
+        raise UserError(f"{path}: no config.json (expected a z-lab DFlash draft directory)")
+    try:
+        return DraftConfig.from_hf_dict(json.loads(cfg.read_text()))
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{cfg}: not a usable DFlash draft config ({e})") from e
+
+
+def load_draft(path, dtype=None) -> tuple[DraftConfig, dict]:
+    """(config, params) from a z-lab directory; dtype None keeps the stored dtype."""
+    path = Path(path)
+    config = load_config(path)
+    return config, from_hf_state_dict(config, _read_safetensors(path), dtype=dtype)
+
+
+# ------------------------------------------------------------------ msgpack
+
+
+def save_msgpack(path, config: DraftConfig, params: dict) -> Path:
+    """One msgpack file: the config (z-lab dict) and the params (layers keyed '0', '1', ...)."""
+    from flax import serialization
+
+    state = {"format": MSGPACK_FORMAT, "config": json.dumps(config.to_hf_dict()),
+             "params": serialization.to_state_dict(jax.device_get(params))}
+    path = Path(path)
+    path.write_bytes(serialization.msgpack_serialize(state))
+    return path
+
+
+def load_msgpack(path, config: DraftConfig | None = None) -> tuple[DraftConfig, dict]:
+    """(config, params) from save_msgpack's file, or from a bare params msgpack (the seed's
+    `draft_params.msgpack`, optionally wrapped as {"params": ...}) when `config` is given."""
+    from flax import serialization
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such msgpack file")
+    state = serialization.msgpack_restore(path.read_bytes())
+    if state.get("format") == MSGPACK_FORMAT:
+        stored = DraftConfig.from_hf_dict(json.loads(state["config"]))
+        if config is not None and config != stored:
+            raise UserError(f"{path}: stored config differs from the one given")
+        config, tree = stored, state["params"]
+    else:
+        if config is None:
+            raise UserError(f"{path}: a bare params msgpack needs a config (--config)")
+        tree = state.get("params", state) if set(state) == {"params"} else state
+    target = jax.tree.map(lambda s: np.zeros(s, np.float32), param_shapes(config),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    try:
+        params = serialization.from_state_dict(target, tree)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{path}: params do not match the config ({e})") from e
+    bad = [f"{jax.tree_util.keystr(k)} {np.shape(v)} vs {np.shape(w)}"
+           for (k, v), w in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(target)) if np.shape(v) != np.shape(w)]
+    if bad:
+        raise UserError(f"{path}: param shapes do not match the config: {bad[:3]}")
+    return config, jax.tree.map(jnp.asarray, params)

@@ -1,0 +1,78 @@
+"""Convert a draft checkpoint to the z-lab format (config.json + model.safetensors).
+
+  python -m tools.export_draft SRC OUT [--config CONFIG] [--dtype bfloat16]
+
+SRC is a `model.save_msgpack` file, a bare params msgpack (the seed's draft_params.msgpack, with
+--config), or a z-lab directory (re-export, e.g. to change dtype). The result loads with
+`dflash.model.DFlashDraftModel.from_pretrained`, SGLang and vLLM.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from model.config import DraftConfig
+from model.io import load_config, load_draft, load_msgpack, save_draft
+from pipeline.errors import UserError
+
+
+def _is_zlab(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _load_zlab(path: Path, config: DraftConfig | None):
+    stored, params = load_draft(path)
+    if config is not None and config != stored:
+        raise UserError(f"{path}: its config.json differs from --config")
+    return stored, params
+
+
+# (name, matches(path), load(path, config or None) -> (config, params)), tried in order.
+# A training checkpoint format registers itself here with one more entry.
+LOADERS: list[tuple[str, Callable[[Path], bool], Callable]] = [
+    ("msgpack", lambda p: p.is_file() and p.suffix == ".msgpack", load_msgpack),
+    ("z-lab", _is_zlab, _load_zlab),
+]
+
+
+def load_params(src, config: DraftConfig | None = None):
+    """(config, params) from any checkpoint kind in LOADERS."""
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"{src}: no such file or directory")
+    for _, matches, load in LOADERS:
+        if matches(src):
+            return load(src, config)
+    kinds = ", ".join(name for name, _, _ in LOADERS)
+    raise UserError(f"{src}: not a draft checkpoint this tool knows ({kinds})")
+
+
+def export(src, out, config_path=None, dtype: str | None = None) -> Path:
+    """Load SRC (config from config_path when given) and write the z-lab format to OUT."""
+    config = load_config(config_path) if config_path else None
+    config, params = load_params(src, config)
+    return save_draft(out, config, params, dtype=dtype)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.export_draft", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="msgpack file or z-lab directory")
+    ap.add_argument("out", help="output directory (created)")
+    ap.add_argument("--config", help="z-lab config.json (or its directory) for a bare msgpack")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="weight dtype to write (default: as stored)")
+    args = ap.parse_args(argv)
+    try:
+        path = export(args.src, args.out, args.config, args.dtype)
+    except (UserError, OSError) as e:  # OSError: e.g. OUT is an existing file, disk full
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
