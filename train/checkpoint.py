@@ -1,0 +1,49 @@
+"""Orbax checkpoints of a run: train state (params, AdamW state, step, rng) and the Grain iterator
+position, saved together as one step directory.
+
+Orbax writes each step to a temporary directory and renames it when every item is written (its
+commit marker), so a kill -9 mid-save leaves nothing `latest_step` would pick; saves run async
+(the device arrays are copied to host before `save` returns, so the donated state may be reused).
+The iterator state is captured as JSON at the call, not when the async write runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """keep-last-N async checkpoints under <run>/checkpoints."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        """Latest committed step (uncommitted temp dirs are ignored), or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+    def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
+        """-> (state laid out as `abstract_state`'s shardings, iterator state dict)."""
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,67 @@
+"""Training metrics: per-slot top-1 accuracy, the acceptance length it implies, and where they go
+(metrics.jsonl in the run dir, TensorBoard events via tensorboardX when it is installed).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def expected_tau(slot_acc) -> float:
+    """Expected acceptance length of greedy verification from per-slot accuracies [B-1].
+
+    Draft token k is accepted only if tokens 1..k all are, so E[accepted] = sum_k prod_{j<=k} acc_j;
+    the verifier's bonus token adds 1 (tau counts it, as in the paper).
+    """
+    acc = np.clip(np.asarray(slot_acc, np.float64), 0.0, 1.0)
+    return float(1.0 + np.cumprod(acc).sum())
+
+
+def summarize(raw: dict) -> dict:
+    """Device metrics of one step (or summed over several) -> plain floats for logging."""
+    count = np.asarray(raw["slot_count"], np.float64)
+    acc = np.asarray(raw["slot_correct"], np.float64) / np.maximum(count, 1.0)
+    out = {"loss": float(raw["loss"]), "grad_norm": float(raw["grad_norm"]),
+           "lr": float(raw["lr"]), "expected_tau": expected_tau(acc),
+           "supervised_tokens": float(count.sum())}
+    out.update({f"acc_slot{k + 1}": float(a) for k, a in enumerate(acc)})
+    return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to <run>/metrics.jsonl and mirrors scalars to
+    TensorBoard (<run>/tb) when tensorboardX is importable."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            print("note: tensorboardX not installed; metrics go to metrics.jsonl only",
+                  file=sys.stderr)
+        else:
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"train/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
