@@ -169,3 +169,20 @@ def test_cli_bad_input_is_one_line(data, tmp_path):
         lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
         assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr[-1500:]
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_export_draft_from_run_checkpoint(reference, cli_env, tmp_path):
+    """tools.export_draft reads the run's latest Orbax checkpoint (saved on an 8-device mesh)
+    in a 1-device process; the weights equal the run's own final snapshot."""
+    out, _ = reference
+    env = dict(cli_env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    dest = tmp_path / "zlab"
+    r = subprocess.run([sys.executable, "-m", "tools.export_draft", str(out), str(dest)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoint of step {N_STEPS}" in r.stderr
+    cfg_exp, params_exp = model.load_draft(dest)
+    assert cfg_exp == model.load_msgpack(out / "draft_params.msgpack")[0]
+    for a, b in zip(jax.tree.leaves(params_exp), _params(out)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -2,8 +2,9 @@
 
   python -m tools.export_draft SRC OUT [--config CONFIG] [--dtype bfloat16]
 
-SRC is a `model.save_msgpack` file, a bare params msgpack (the seed's draft_params.msgpack, with
---config), or a z-lab directory (re-export, e.g. to change dtype). The result loads with
+SRC is a training run directory (`train.main --out`: its latest committed Orbax checkpoint), a
+`model.save_msgpack` file, a bare params msgpack (the seed's draft_params.msgpack, with --config),
+or a z-lab directory (re-export, e.g. to change dtype). The result loads with
 `dflash.model.DFlashDraftModel.from_pretrained`, SGLang and vLLM.
 """
 from __future__ import annotations
@@ -29,9 +30,31 @@ def _load_zlab(path: Path, config: DraftConfig | None):
     return stored, params
 
 
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "checkpoints").is_dir()
+
+
+def _load_run_dir(path: Path, config: DraftConfig | None):
+    """Params of the run's latest committed checkpoint; config from the run's msgpack snapshot."""
+    from train.checkpoint import restore_params_on_host  # jax/orbax only when needed
+
+    if config is None:
+        snapshot = path / "draft_params.msgpack"
+        if not snapshot.is_file():
+            raise UserError(f"{path}: run has no draft_params.msgpack to read its config from; "
+                            "pass --config")
+        config, _ = load_msgpack(snapshot)
+    try:
+        step, params = restore_params_on_host(path)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    print(f"{path}: checkpoint of step {step}", file=sys.stderr)
+    return config, params
+
+
 # (name, matches(path), load(path, config or None) -> (config, params)), tried in order.
-# A training checkpoint format registers itself here with one more entry.
 LOADERS: list[tuple[str, Callable[[Path], bool], Callable]] = [
+    ("training run", _is_run_dir, _load_run_dir),
     ("msgpack", lambda p: p.is_file() and p.suffix == ".msgpack", load_msgpack),
     ("z-lab", _is_zlab, _load_zlab),
 ]
@@ -59,7 +82,7 @@ def export(src, out, config_path=None, dtype: str | None = None) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.export_draft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="msgpack file or z-lab directory")
+    ap.add_argument("src", help="training run directory, msgpack file or z-lab directory")
     ap.add_argument("out", help="output directory (created)")
     ap.add_argument("--config", help="z-lab config.json (or its directory) for a bare msgpack")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,

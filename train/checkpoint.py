@@ -47,3 +47,32 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params_on_host(run_dir: str | Path, step: int | None = None):
+    """(step, params as numpy) of a run's latest (or given) committed checkpoint, on any topology.
+
+    The checkpoint records the shardings it was saved with; on another machine (export after a
+    pod run) those devices do not exist, so the target is rebuilt from the stored shapes and
+    placed on one local device.
+    """
+    import numpy as np
+
+    directory = Path(run_dir).absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(
+        directory, item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no committed checkpoint")
+        meta = manager.item_metadata(step)["state"]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+    finally:
+        manager.close()
+    return step, jax.tree.map(np.asarray, state["params"])
