@@ -37,8 +37,13 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def part_filename(shard: int, part: int, shards: int) -> str:
-    return f"shard-{shard:05d}-of-{shards:05d}.part-{part:05d}.arrayrecord"
+FORMATS = ("arrayrecord", "tensorstore")
+
+
+def part_filename(shard: int, part: int, shards: int, fmt: str = "arrayrecord") -> str:
+    """An ArrayRecord file name, or a TensorStore part's key prefix (pipeline/cache_ts.py)."""
+    suffix = ".ts" if fmt == "tensorstore" else ".arrayrecord"
+    return f"shard-{shard:05d}-of-{shards:05d}.part-{part:05d}{suffix}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,9 @@ class CacheManifest:
     vocab_size: int | None = None
     dtype: str = "bfloat16"  # storage dtype of features
     settings: dict = dataclasses.field(default_factory=dict)
+    format: str = "arrayrecord"  # part storage: "arrayrecord" files or "tensorstore" zarr3 parts
+    kvstore: str | None = None  # TensorStore data root (URL); None = the cache directory
+    hosts: int = 1  # > 1: a multi-process cache of `hosts` host sub-caches (pipeline/cache_hosts.py)
     complete: bool = False
     num_records: int = 0
     parts: tuple[PartInfo, ...] = ()
@@ -143,6 +151,8 @@ class CacheManifest:
     def from_json(cls, d: dict) -> "CacheManifest":
         if d.get("schema") != SCHEMA:
             raise ValueError(f"unknown cache schema {d.get('schema')!r} (expected {SCHEMA!r})")
+        if d.get("format", "arrayrecord") not in FORMATS:
+            raise ValueError(f"unknown cache format {d.get('format')!r} (expected one of {FORMATS})")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["layer_ids"] = tuple(int(i) for i in d["layer_ids"])

@@ -15,8 +15,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.cache_format import FILE_GLOB, LEDGER_NAME, MANIFEST_NAME, CacheManifest
-from pipeline.cache_reader import CacheError, load_manifest, verify_part
+from pipeline.cache_format import LEDGER_NAME, MANIFEST_NAME, CacheManifest
+from pipeline.cache_parts import part_store
+from pipeline.cache_reader import CacheError, load_manifest
 from pipeline.cache_writer import CacheWriter, CacheWriteError
 from pipeline.errors import UserError
 from pipeline.ledger import Ledger, atomic_write_json
@@ -56,10 +57,22 @@ def _differences(old: CacheManifest, new: CacheManifest) -> str:
     return text if len(text) < 400 else text[:400] + "..."
 
 
-def remove_cache_files(directory: Path) -> None:
-    """Delete this cache's own files only (the directory may hold other things, e.g. models/)."""
-    for path in directory.glob(FILE_GLOB):
-        path.unlink()
+def remove_cache_files(directory: Path, manifest: CacheManifest | None = None) -> None:
+    """Delete this cache's own files only (the directory may hold other things, e.g. models/):
+    the parts of the cache on disk (its manifest names their format and root), of `manifest`'s
+    format and root (a rerun may change the format), then the manifest and ledger."""
+    directory = Path(directory)
+    manifests = [manifest] if manifest is not None else []
+    if (directory / MANIFEST_NAME).exists():
+        try:
+            manifests.append(load_manifest(directory))
+        except CacheError:
+            pass
+    stores = [part_store(directory, m) for m in manifests if m.format != "arrayrecord"]
+    stores.append(part_store(directory, CacheManifest(1, 1, (0,), 1, 1, {})))  # ArrayRecord
+    for store in stores:
+        for name in store.names():
+            store.delete(name)
     for name in (MANIFEST_NAME, LEDGER_NAME, MANIFEST_NAME + ".tmp", LEDGER_NAME + ".tmp"):
         (directory / name).unlink(missing_ok=True)
 
@@ -96,7 +109,7 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
     directory = Path(directory)
     _ensure_writable(directory)
     if overwrite:
-        remove_cache_files(directory)
+        remove_cache_files(directory, manifest)
     key = settings_key(manifest)
     if (directory / MANIFEST_NAME).exists():
         old = load_manifest(directory)
@@ -108,7 +121,7 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
         if old.complete:
             return Prepared(old, None, old.num_records)
     else:
-        stray = sorted(p.name for p in directory.glob(FILE_GLOB))
+        stray = sorted(part_store(directory, manifest).names())
         if stray or (directory / LEDGER_NAME).exists():
             raise UserError(f"{directory} holds cache files but no {MANIFEST_NAME}; rerun with "
                             "--overwrite to start over")
@@ -119,16 +132,15 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
         except OSError as e:
             raise CacheWriteError(f"starting the cache in {directory} failed: {e}") from e
     # Anything the ledger does not name is a leftover of an interrupted interval.
-    committed = {p.file for p in ledger.parts}
-    for path in directory.glob(FILE_GLOB):
-        if path.name not in committed:
-            path.unlink()
+    store = part_store(directory, manifest)
+    for name in store.names() - {p.file for p in ledger.parts}:
+        store.delete(name)
     for name in (MANIFEST_NAME + ".tmp", LEDGER_NAME + ".tmp"):
         (directory / name).unlink(missing_ok=True)
     if verify:
         for part in ledger.parts:
             try:
-                verify_part(directory, part, manifest.record_nbytes)
+                store.verify(part)
             except CacheError as e:
                 raise CacheError(f"cannot resume: {e}; rerun with --overwrite to start over") from e
     writer = CacheWriter(directory, manifest, ledger)

@@ -165,9 +165,11 @@ def load_manifest(directory: Path) -> CacheManifest:
         raise CacheError(f"{path} is not a valid cache manifest: {e}") from e
 
 
-def open_cache(directory, *, verify: bool = False, allow_incomplete: bool = False) -> CacheReader:
-    """Open the cache in `directory`. An unfinished dump is refused unless allow_incomplete,
-    which then exposes the records its ledger committed."""
+def open_cache(directory, *, verify: bool = False, allow_incomplete: bool = False):
+    """Open the cache in `directory` -> CacheReader (ArrayRecord), TSCacheReader (TensorStore) or
+    HostsReader (multi-process dump), all with `manifest`, `len`, `[i]`, iteration, `verify()`.
+    An unfinished dump is refused unless allow_incomplete, which then exposes the records its
+    ledger committed."""
     directory = Path(directory)
     manifest = load_manifest(directory)
     if manifest.complete:
@@ -178,7 +180,14 @@ def open_cache(directory, *, verify: bool = False, allow_incomplete: bool = Fals
     else:
         raise CacheError(f"the cache at {directory} is incomplete: rerun the dump command to "
                          "finish it (or pass allow_incomplete=True)")
-    reader = CacheReader(directory, manifest, parts)
+    if manifest.hosts > 1:  # a multi-process dump: one sub-cache per host
+        from pipeline.cache_hosts import HostsReader
+        reader = HostsReader(directory, manifest)
+    elif manifest.format == "tensorstore":
+        from pipeline.cache_ts import TSCacheReader
+        reader = TSCacheReader(directory, manifest, parts)
+    else:
+        reader = CacheReader(directory, manifest, parts)
     if verify:
         reader.verify()
     return reader

@@ -17,14 +17,10 @@ import os
 import signal
 from pathlib import Path
 
-from array_record.python.array_record_module import ArrayRecordWriter
-
-from pipeline.cache_format import (
-    FILE_GLOB, LEDGER_NAME, MANIFEST_NAME, WRITER_OPTIONS, CacheManifest, PartInfo,
-    part_filename)
-from pipeline.cache_reader import file_crc32
+from pipeline.cache_format import LEDGER_NAME, MANIFEST_NAME, CacheManifest, PartInfo, part_filename
+from pipeline.cache_parts import part_store
 from pipeline.errors import UserError
-from pipeline.ledger import Ledger, atomic_write_json, fsync_dir, fsync_file
+from pipeline.ledger import Ledger, atomic_write_json, fsync_dir
 
 # Test hook: "after_record:N,before_ledger:M,..." makes the writer SIGKILL its own process at
 # that point (after_record: record N written, its part still open; after_close: a part closed
@@ -58,10 +54,11 @@ class CacheWriter:
         self.manifest = manifest
         self.layout = manifest.layout
         self.ledger = ledger
+        self.store = part_store(directory, manifest)  # ArrayRecord files or TensorStore parts
         self.parts = list(ledger.parts)
         self.next_index = ledger.committed
         self.bytes_written = 0  # part bytes closed by this process
-        self._open = None  # [writer, path, shard, part, records]
+        self._open = None  # [writer, where, shard, part, records, name]
         self._pending = []  # (closed part, its CRC future), resolved at the next commit
         self._crc_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dflash-crc")
         self._kill = _kill_points()
@@ -77,14 +74,15 @@ class CacheWriter:
         index = self.next_index
         shard, part, pos = self.layout.locate(index)
         if pos == 0:
-            path = self.directory / part_filename(shard, part, self.layout.shards)
-            self._open = [self._io(lambda: ArrayRecordWriter(str(path), WRITER_OPTIONS), path),
-                          path, shard, part, 0]
+            name = part_filename(shard, part, self.layout.shards, self.manifest.format)
+            where = self.store.where(name)
+            self._open = [self._io(lambda: self.store.open_writer(name, self.layout.per_part),
+                                   where), where, shard, part, 0, name]
         state = self._open
         if ("fail_write", index) in self._kill:
             self._io(lambda: _raise(OSError(errno.ENOSPC, "No space left on device (injected)")),
                      state[1])
-        self._io(lambda: state[0].write(record), state[1])
+        self._io(lambda: self.store.write(state[0], record), state[1])
         state[4] += 1
         self.next_index = index + 1
         self._maybe_kill("after_record", index)
@@ -117,27 +115,24 @@ class CacheWriter:
         self._pending = []
         self._crc_pool.shutdown(wait=True)
         committed = {p.file for p in self.ledger.parts}
-        for path in self.directory.glob(FILE_GLOB):
-            if path.name not in committed:
-                path.unlink(missing_ok=True)
+        for name in self.store.names() - committed:
+            self.store.delete(name)
 
     def _close_part(self) -> None:
-        writer, path, shard, part, records = self._open
-        self._io(writer.close, path)
+        writer, where, shard, part, records, name = self._open
+        self._io(lambda: self.store.close(writer, name), where)
         self._open = None
-        self._io(lambda: fsync_file(path), path)
-        size = path.stat().st_size
-        self.bytes_written += size
-        # CRC of the closed file (read back from the page cache) covers every byte, padding too.
+        # (size, CRC) of the closed part (read back from the page cache) covers every byte.
         # zlib releases the GIL: it runs beside the next part's writes, joined at the commit.
-        crc = self._crc_pool.submit(file_crc32, path)
-        self._pending.append((PartInfo(shard, part, path.name, records, size, 0), crc))
+        crc = self._crc_pool.submit(self.store.checksum, name)
+        self._pending.append((PartInfo(shard, part, name, records, 0, 0), crc))
         self._maybe_kill("after_close", self.next_index)
 
     def _commit(self, complete: bool) -> None:
         for info, crc in self._pending:
-            path = self.directory / info.file
-            self.parts.append(dataclasses.replace(info, crc32=self._io(crc.result, path)))
+            size, crc32 = self._io(crc.result, self.store.where(info.file))
+            self.bytes_written += size
+            self.parts.append(dataclasses.replace(info, bytes=size, crc32=crc32))
         self._pending = []
         n = self.next_index
         ledger = Ledger(self.ledger.settings_key, n, tuple(self.parts), complete)
@@ -152,10 +147,10 @@ class CacheWriter:
         self._maybe_kill("after_ledger", n)
 
     @staticmethod
-    def _io(fn, path: Path):
+    def _io(fn, path):
         try:
             return fn()
-        except (OSError, RuntimeError) as e:  # array_record reports I/O errors as RuntimeError
+        except (OSError, RuntimeError, ValueError) as e:  # array_record: RuntimeError, TS: ValueError
             msg = " ".join(str(e).split())
             if len(msg) > 300:
                 msg = msg[:300] + "..."

@@ -48,6 +48,13 @@ class DumpConfig:
     block_size: int = 8  # draft block size: sequences must be longer than one block
     queue_batches: int = 4  # batches in flight between the device loop and the writer
     progress: bool = True  # tqdm bar on stderr
+    format: str = "arrayrecord"  # part storage: "arrayrecord" or "tensorstore" (zarr3)
+    kvstore: str | None = None  # tensorstore data root URL (e.g. gs://b/cache/); None = --out
+    # jax.distributed (pipeline/dump_hosts.py): each process dumps sequences i % count == index
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: bool = False  # jax.distributed.initialize() from the cluster (TPU pod) environment
 
     def validate(self) -> None:
         for name in ("shards", "seq_len", "batch_size", "num_layers", "commit_every",
@@ -59,6 +66,10 @@ class DumpConfig:
         if self.seq_len <= self.block_size:
             raise UserError(f"--seq-len {self.seq_len} is not longer than one draft block "
                             f"(--block-size {self.block_size}): no anchor would fit")
+        if self.format not in ("arrayrecord", "tensorstore"):
+            raise UserError(f"--format must be arrayrecord or tensorstore, got {self.format!r}")
+        if self.kvstore and self.format != "tensorstore":
+            raise UserError("--kvstore needs --format tensorstore")
         if self.dtype not in ("bfloat16", "float32"):
             raise UserError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
 
@@ -93,7 +104,7 @@ def build_manifest(config: DumpConfig, info: TeacherInfo) -> CacheManifest:
         seq_len=config.seq_len, hidden_size=info.hidden_size, layer_ids=layer_ids,
         shards=config.shards, commit_every=config.interval, teacher=info.identity,
         tokenizer=info.tokenizer, mask_token_id=info.mask_token_id, vocab_size=info.vocab_size,
-        settings=settings)
+        settings=settings, format=config.format, kvstore=config.kvstore)
 
 
 def _batches(seqs: Iterable, batch_size: int, seq_len: int, start: int) -> Iterator:
@@ -130,9 +141,20 @@ def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = N
         raise UserError(f"no sequences of {config.seq_len} tokens in the data "
                         f"({info.data_identity.get('source')})")
     seqs = itertools.chain([first], seqs)
-    with lock_cache(config.out):
-        prepared = prepare_cache(config.out, manifest, overwrite=config.overwrite)
-        out = str(Path(config.out).resolve())
+    from pipeline.dump_hosts import process_group, run_host_dump
+    group = process_group(config)
+    if group.count > 1:
+        return run_host_dump(config, manifest, seqs, teacher, info, group, log, t0)
+    return dump_into(config, config.out, manifest, seqs, config.max_seqs, teacher, info, log, t0)
+
+
+def dump_into(config: DumpConfig, directory, manifest: CacheManifest, seqs, limit, teacher, info,
+              log, t0: float) -> dict:
+    """Dump `seqs` (the writer's sequence 0, 1, ...; at most `limit`) into the cache in
+    `directory`, resuming it or recognising it as complete."""
+    with lock_cache(directory):
+        prepared = prepare_cache(directory, manifest, overwrite=config.overwrite)
+        out = str(Path(directory).resolve())
         if prepared.complete:
             log(f"cache at {out} is already complete ({prepared.manifest.num_records} sequences); "
                 "nothing to do")
@@ -144,10 +166,10 @@ def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = N
             teacher = load_teacher(config, info)
         t1 = time.perf_counter()  # teacher loaded: the dump loop starts
         writer = WriterThread(prepared.writer, config.queue_batches, config.progress, start,
-                              total=config.max_seqs)
+                              total=limit)
         writer.start()
         try:
-            _device_loop(config, teacher, itertools.islice(seqs, start, config.max_seqs),
+            _device_loop(config, teacher, itertools.islice(seqs, start, limit),
                          list(manifest.layer_ids), writer, start)
             writer.close()
             final = prepared.writer.finish()

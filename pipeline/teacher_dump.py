@@ -2,6 +2,8 @@
 
     python -m pipeline.teacher_dump --model tiny --shards 8 --seq-len 256 --max-seqs 64
     python -m pipeline.teacher_dump --model openai/gpt-oss-20b --data chats.jsonl --shards 64
+    python -m pipeline.teacher_dump ... --format tensorstore --kvstore gs://bucket/cache/
+    python -m pipeline.teacher_dump ... --distributed     # every host of a TPU pod runs this
 
 Rerun the same command after an interruption to resume; a finished cache is left as it is.
 Prints one JSON line at the end: {sequences, tokens, bytes, seconds, tokens_per_s, ...}.
@@ -62,13 +64,25 @@ def parse_args(argv=None) -> DumpConfig:
     add("--queue-batches", type=int, default=_D.queue_batches,
         help="batches buffered between device and writer" + dflt)
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--format", default=_D.format, choices=("arrayrecord", "tensorstore"),
+        help="part storage: ArrayRecord files or TensorStore zarr3 parts" + dflt)
+    add("--kvstore", default=None, help="TensorStore data root URL for --format tensorstore, "
+        "e.g. gs://bucket/cache/ (default: --out; manifest and ledger stay in --out)")
+    add("--coordinator-address", default=None,
+        help="jax.distributed: host:port of process 0 (with --num-processes, --process-id)")
+    add("--num-processes", type=int, default=None, help="jax.distributed: number of processes")
+    add("--process-id", type=int, default=None, help="jax.distributed: this process's index")
+    add("--distributed", action="store_true",
+        help="jax.distributed.initialize() from the cluster environment (TPU pod)")
     a = p.parse_args(argv)
     return DumpConfig(
         model=a.model, data=a.data, out=a.out, shards=a.shards, seq_len=a.seq_len,
         batch_size=a.batch_size, layer_ids=a.layer_ids, num_layers=a.num_layers,
         sharding_axis_dims=_axis_dims(a.sharding_axis_dims), max_seqs=a.max_seqs,
         overwrite=a.overwrite, dtype=a.dtype, commit_every=a.commit_every, block_size=a.block_size,
-        queue_batches=a.queue_batches, progress=not a.no_progress)
+        queue_batches=a.queue_batches, progress=not a.no_progress, format=a.format,
+        kvstore=a.kvstore, coordinator_address=a.coordinator_address,
+        num_processes=a.num_processes, process_id=a.process_id, distributed=a.distributed)
 
 
 def main(argv=None, *, teacher=None, sequences=None) -> int:
