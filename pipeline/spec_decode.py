@@ -1,0 +1,171 @@
+"""The speculative-decoding harness: run a draft against its target on prompts and report.
+
+Library behind `python -m tools.spec_decode`. Per prompt it runs plain AR decoding (the greedy
+reference output and the AR speed), DFlash speculative decoding with each draft, and the n-gram
+prompt-lookup baseline with the same block size; then it reports mean tau, the histogram of
+accepted lengths, per-slot acceptance, target forwards per token, tokens/s, and `lossless`
+(every greedy speculative output equals the AR output token for token).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import speculative as sp
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    draft: str  # z-lab export dir of the draft (e.g. <run>/export)
+    model: str = "tiny"  # teacher: HF snapshot dir, cached repo id, or "tiny"
+    prompts: str = "builtin"  # "builtin" or a .jsonl file (prompt / messages / input_ids)
+    max_new_tokens: int = 64
+    block_size: int | None = None  # default: the draft's
+    temperature: float = 0.0  # > 0: rejection sampling (then `lossless` is not defined)
+    seed: int = 0
+    naive: bool = False  # recompute-everything oracle (EasyDeL Teacher + model.draft_hidden)
+    limit: int | None = None  # use only the first N prompts
+    stop_at_eos: bool = False  # stop a prompt at the tokenizer's EOS (off: fixed-length outputs)
+    extra_drafts: tuple = ()  # ((label, export dir), ...) compared on the same prompts
+    ngram: bool = True  # also run the n-gram prompt-lookup baseline
+    label: str = "dflash"  # name of the main draft in the table and report["drafts"]
+
+
+def build_target(model_dir: Path, layer_ids, naive: bool):
+    """(target adapter, embedding [V, H], lm_head [V, H])."""
+    from pipeline.target_cached import CachedTarget
+
+    if not naive:
+        t = CachedTarget(model_dir, layer_ids)
+        return t, t.params["embed"], t.params["lm_head"]
+    import jax.numpy as jnp
+    from pipeline.spec_naive import NaiveTarget
+    from pipeline.teacher import Teacher
+
+    teacher = Teacher.from_pretrained(str(model_dir), dtype=jnp.float32)
+    return NaiveTarget(teacher, layer_ids), teacher.embedding, teacher.lm_head
+
+
+def build_draft(export: str, embedding, lm_head, naive: bool):
+    if naive:
+        from pipeline.spec_naive import NaiveDraft
+        return NaiveDraft(export, embedding, lm_head)
+    from pipeline.draft_cached import CachedDraft
+    return CachedDraft(export, embedding, lm_head)
+
+
+def summarize(gens: list, block_size: int) -> dict:
+    """tau, histogram of accepted lengths, per-slot acceptance, forwards/token, tokens/s."""
+    lengths = [x for g in gens for x in g.accept_lengths]
+    new = sum(len(g.tokens) for g in gens)
+    hist = np.bincount(np.asarray(lengths, np.int64), minlength=block_size + 1)[1 : block_size + 1]
+    slot = []
+    for k in range(1, block_size):  # P(draft token k accepted), over steps that proposed >= k
+        steps = [(a, p) for g in gens for a, p in zip(g.accepted, g.proposed) if p >= k]
+        slot.append(round(sum(a >= k for a, _ in steps) / len(steps), 4) if steps else None)
+    secs = sum(g.seconds for g in gens)
+    return {"tau": round(float(np.mean(lengths)), 4) if lengths else None,
+            "accept_hist": hist.tolist(), "slot_accept": slot,
+            "target_forwards_per_token": round(sum(g.target_forwards for g in gens) / max(new, 1), 4),
+            "tokens_per_s": round(new / secs, 2) if secs else None, "new_tokens": new}
+
+
+def run(cfg: SpecConfig, log=print) -> dict:
+    """Run the harness; returns the report dict (what the JSON line prints)."""
+    from pipeline.draft_cached import load_export
+    from pipeline.prompts import load_prompts, load_tokenizer
+
+    if cfg.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if cfg.temperature < 0:
+        raise UserError("--temperature must be >= 0")
+    from pipeline.models import resolve_model
+
+    model_dir = Path(resolve_model(cfg.model))
+    shape, _ = load_export(cfg.draft)
+    block = cfg.block_size or shape.block_size
+    if block < 1:
+        raise UserError("--block-size must be >= 1")
+    target, embedding, lm_head = build_target(model_dir, shape.target_layer_ids, cfg.naive)
+    drafts = [(cfg.label, cfg.draft)] + list(cfg.extra_drafts)
+    if len({d[0] for d in drafts} | {"ngram"}) != len(drafts) + 1:
+        raise UserError("draft labels must be distinct and not 'ngram'")
+    proposers = {}
+    for label, path in drafts:
+        other, _ = load_export(path)
+        if other.target_layer_ids != shape.target_layer_ids:
+            raise UserError(f"draft {path} reads target layers {other.target_layer_ids}, "
+                            f"but {cfg.draft} reads {shape.target_layer_ids}")
+        proposers[label] = sp.DFlashProposer(build_draft(path, embedding, lm_head, cfg.naive), block,
+                                             shape.mask_token_id)
+    if cfg.ngram:
+        proposers["ngram"] = sp.NgramProposer()
+    has_tok = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = load_tokenizer(model_dir) if has_tok else None  # id-only jsonl prompts need none
+    prompts = load_prompts(cfg.prompts, tok, limit=cfg.limit)
+    stop = (tok.eos_token_id,) if cfg.stop_at_eos and tok is not None and tok.eos_token_id is not None else ()
+    from pipeline.target_cached import bucket
+
+    # one cache size for all prompts, and a warm-up per prefill bucket, so that jit compiles
+    # before the clock runs and tokens/s measures decoding, not compilation
+    capacity = bucket(max(len(p) for p in prompts), 64) + cfg.max_new_tokens + 2 * block
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop,
+              capacity=capacity)
+
+    def spec(label, prompt, seed, max_new=None):
+        return sp.speculative_generate(target, proposers[label], prompt, block_size=block,
+                                       mask_token_id=shape.mask_token_id,
+                                       rng=np.random.default_rng(seed),
+                                       **{**kw, "max_new_tokens": max_new or cfg.max_new_tokens})
+
+    for prompt in {bucket(len(p), 64): p for p in prompts}.values():
+        sp.ar_generate(target, prompt, rng=np.random.default_rng(0), **{**kw, "max_new_tokens": 2})
+        for label in proposers:
+            spec(label, prompt, 0, max_new=block + 2)
+    ar, results = [], {label: [] for label in proposers}
+    for i, prompt in enumerate(prompts):
+        ar.append(sp.ar_generate(target, prompt, rng=np.random.default_rng(cfg.seed + i), **kw))
+        for label in proposers:
+            results[label].append(spec(label, prompt, cfg.seed + i))
+        log(f"prompt {i + 1}/{len(prompts)}: {len(prompt)} tokens, tau "
+            + ", ".join(f"{k} {np.mean(v[-1].accept_lengths or [0]):.2f}" for k, v in results.items()))
+    greedy = cfg.temperature == 0
+    per = {}
+    for label, gens in results.items():
+        per[label] = summarize(gens, block)
+        per[label]["lossless"] = all(g.tokens == a.tokens for g, a in zip(gens, ar)) if greedy else None
+    main = per[cfg.label]
+    ar_secs = sum(g.seconds for g in ar)
+    return {"tau": main["tau"], "lossless": main["lossless"] if greedy else None,
+            "ngram_tau": per["ngram"]["tau"] if "ngram" in per else None,
+            "tokens_per_s": main["tokens_per_s"],
+            "ar_tokens_per_s": round(sum(len(g.tokens) for g in ar) / ar_secs, 2) if ar_secs else None,
+            "accept_hist": main["accept_hist"], "slot_accept": main["slot_accept"],
+            "target_forwards_per_token": main["target_forwards_per_token"],
+            "all_lossless": all(v["lossless"] for v in per.values()) if greedy else None,
+            "block_size": block, "temperature": cfg.temperature, "prompts": len(prompts),
+            "max_new_tokens": cfg.max_new_tokens, "mode": "naive" if cfg.naive else "cached",
+            "drafts": per}
+
+
+def format_table(report: dict) -> str:
+    """Human table: one row per proposer (drafts, n-gram) plus plain AR."""
+    rows = [("proposer", "tau", "fwd/token", "tokens/s", "lossless", "accepted-length histogram")]
+    for label, r in report["drafts"].items():
+        rows.append((label, f"{r['tau']:.3f}", f"{r['target_forwards_per_token']:.3f}",
+                     f"{r['tokens_per_s']}", str(r["lossless"]), " ".join(map(str, r["accept_hist"]))))
+    rows.append(("AR (target only)", "1.000", "1.000", f"{report['ar_tokens_per_s']}", "-", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    slot = report["slot_accept"]
+    lines.append(f"per-slot acceptance ({next(iter(report['drafts']))}, slot 1..B-1): "
+                 + " ".join("-" if s is None else f"{s:.2f}" for s in slot))
+    return "\n".join(lines)
+
+
+def json_line(report: dict) -> str:
+    return json.dumps(report, sort_keys=True)
