@@ -124,10 +124,12 @@ def load_teacher(config, info: TeacherInfo):
     """The EasyDeL teacher (imported here: the cache modules must not pull in easydel)."""
     import jax.numpy as jnp
 
+    from pipeline.jax_setup import process_local_devices
     from pipeline.teacher import Teacher
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config.dtype]
-    return Teacher.from_pretrained(str(info.model_path), dtype=dtype,
-                                   sharding_axis_dims=config.sharding_axis_dims)
+    with process_local_devices():  # multi-process dump: each process's teacher is its own
+        return Teacher.from_pretrained(str(info.model_path), dtype=dtype,
+                                       sharding_axis_dims=config.sharding_axis_dims)
 
 
 def default_sequences(config, info: TeacherInfo):

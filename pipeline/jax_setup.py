@@ -6,6 +6,7 @@ ejkernel/callib/_ejit.py), overriding any earlier setting.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -115,3 +116,25 @@ def default_axis_dims(num_devices: int, platform: str, num_experts: int) -> tupl
     if platform != "cpu" and num_experts % num_devices == 0:
         return (1, num_devices, 1, 1, 1)
     return (1, 1, 1, num_devices, 1)
+
+
+@contextlib.contextmanager
+def process_local_devices():
+    """Under jax.distributed, make jax.devices()/device_count()/process_count() report only this
+    process's devices while the block runs (loading the teacher): EasyDeL then builds its mesh
+    and places the weights on them, so each process runs the teacher forward on its own rows
+    with no cross-process communication (and hosts may resume at different points).
+    A no-op in a single process."""
+    import jax
+
+    if jax.process_count() == 1:
+        yield
+        return
+    saved = jax.devices, jax.device_count, jax.process_count
+    jax.devices = lambda backend=None: jax.local_devices(backend=backend)
+    jax.device_count = lambda backend=None: jax.local_device_count(backend)
+    jax.process_count = lambda backend=None: 1
+    try:
+        yield
+    finally:
+        jax.devices, jax.device_count, jax.process_count = saved
