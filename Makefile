@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 demo: $(STAMP)
-	$(PY) -m tools.demo
+	$(PY) -m tools.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) .pytest_cache

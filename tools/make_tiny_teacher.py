@@ -31,7 +31,8 @@ from pipeline.tiny_teacher_train import (
     unigram_perplexity,
 )
 
-DEFAULT_OUT = Path("/dev/shm/dflash/models/tiny-gpt-oss")
+# $DFLASH_TINY_TEACHER moves it (e.g. to time a first build while another copy exists).
+DEFAULT_OUT = Path(os.environ.get("DFLASH_TINY_TEACHER", "/dev/shm/dflash/models/tiny-gpt-oss"))
 REPORT = "tiny_teacher_report.json"  # written last: its presence marks a complete snapshot
 RECIPE_VERSION = 1  # bump when the recipe changes so cached default teachers are rebuilt
 SNAPSHOT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT)
