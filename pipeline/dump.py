@@ -7,6 +7,9 @@ the rows and appends them to the cache (pipeline/cache_writer.py), so the accele
 batch n+1 while batch n is written, and at most `queue_batches` + 2 batches are in flight.
 A rerun resumes from the ledger (pipeline/cache_prepare.py). The teacher and the sequences can
 be injected (tests use a cheap stand-in); by default they come from `--model` and `--data`.
+Parts are ArrayRecord files or TensorStore zarr3 parts (`--format`, pipeline/cache_parts.py);
+under jax.distributed every process dumps its own rows into its own host sub-cache
+(pipeline/dump_hosts.py).
 """
 from __future__ import annotations
 

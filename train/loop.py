@@ -78,11 +78,14 @@ def _check_run_dir(out: Path, cfg: TrainConfig, identity: dict) -> None:
                             "use a new --out or the original flags")
     elif jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(mine, indent=1))
+        tmp = path.with_name("run.json.tmp")  # atomic: other processes may be reading it
+        tmp.write_text(json.dumps(mine, indent=1))
+        os.replace(tmp, path)
 
 
 def _host_params(params):
-    params = multihost_utils.process_allgather(params) if jax.process_count() > 1 else params
+    if jax.process_count() > 1:  # global arrays spanning processes: gather them whole (tiled)
+        params = multihost_utils.process_allgather(params, tiled=True)
     return jax.tree.map(np.asarray, jax.device_get(params))
 
 

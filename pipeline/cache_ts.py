@@ -1,0 +1,255 @@
+"""TensorStore (zarr3) parts of a feature cache: `--format tensorstore`, beside ArrayRecord.
+
+The commit protocol, layout, ledger and manifest are the ArrayRecord cache's (cache_format.py):
+only what a *part* is changes. A part is a key prefix `shard-SSSSS-of-NNNNN.part-PPPPP.ts/`
+under the cache's data root (the cache directory, or the TensorStore kvstore URL recorded in the
+manifest, e.g. gs://bucket/cache/), holding a jagged, token-major layout:
+
+    features/   zarr3 bfloat16 [tokens, F]  chunks of whole sequences, >= ~64 MiB per write
+    input_ids/  zarr3 int32    [tokens]
+    loss_mask/  zarr3 uint8    [tokens]
+    offsets/    zarr3 int64    [records + 1]   sequence r is tokens offsets[r]:offsets[r+1]
+
+A part is written chunk by chunk (the writer buffers one chunk), resized to what it holds and
+closed before the ledger names it; its committed size and CRC32 cover every key and value under
+its prefix, so verification and resume treat it exactly as an ArrayRecord file.
+No jax import: the trainer reads caches through this module.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import re
+import threading
+import zlib
+
+import numpy as np
+
+from pipeline.cache_format import BF16, PartInfo, decode_record
+
+TS_SUFFIX = ".ts"
+PART_RE = re.compile(r"^(shard-\d+-of-\d+\.part-\d+\.ts)/")
+CHUNK_TARGET_BYTES = 64 << 20  # one write (and one read of a whole chunk) per ~64 MiB
+ARRAYS = ("features", "input_ids", "loss_mask", "offsets")
+_MAX_OPEN_PARTS = 16
+
+
+def _ts():
+    import tensorstore as ts  # imported lazily: ArrayRecord-only users never load it
+    return ts
+
+
+def root_url(directory, kvstore: str | None) -> str:
+    """The data root as a kvstore URL ending in '/': `kvstore`, or the cache directory."""
+    from pathlib import Path
+    url = kvstore if kvstore else "file://" + str(Path(directory).resolve())
+    return url if url.endswith("/") else url + "/"
+
+
+def open_kvstore(url: str):
+    from pipeline.errors import UserError
+    try:
+        return _ts().KvStore.open(url).result()
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"cannot open the TensorStore kvstore {url}: {e}") from None
+
+
+def _prefix_range(prefix: str):
+    ts = _ts()
+    p = prefix.encode()
+    return ts.KvStore.KeyRange(inclusive_min=p, exclusive_max=p[:-1] + bytes([p[-1] + 1]))
+
+
+def part_names(kv) -> set[str]:
+    """Names of the TS parts present under the root (committed or not)."""
+    keys = kv.list(_ts().KvStore.KeyRange(inclusive_min=b"shard-", exclusive_max=b"shard.")).result()
+    return {m.group(1) for k in keys if (m := PART_RE.match(k.decode(errors="replace")))}
+
+
+def delete_part(kv, name: str) -> None:
+    kv.delete_range(_prefix_range(name + "/")).result()
+
+
+def part_checksum(kv, name: str) -> tuple[int, int]:
+    """(bytes, CRC32) over every (key, value) under the part's prefix, in key order."""
+    keys = sorted(kv.list(_prefix_range(name + "/")).result())
+    crc, size = 0, 0
+    for key in keys:
+        value = kv.read(key).result().value
+        crc = zlib.crc32(value, zlib.crc32(key, crc))
+        size += len(value)
+    return size, crc
+
+
+def chunk_records(seq_len: int, feature_dim: int, per_part: int) -> int:
+    """Sequences per zarr chunk: whole sequences, about CHUNK_TARGET_BYTES of features."""
+    per_seq = seq_len * feature_dim * BF16.itemsize
+    return max(1, min(per_part, math.ceil(CHUNK_TARGET_BYTES / max(per_seq, 1))))
+
+
+def _spec(url: str, dtype: str, shape, chunk) -> dict:
+    return {"driver": "zarr3", "kvstore": url,
+            "metadata": {"shape": list(shape), "data_type": dtype,
+                         "chunk_grid": {"name": "regular",
+                                        "configuration": {"chunk_shape": list(chunk)}}},
+            "create": True, "delete_existing": True}
+
+
+class TSPartWriter:
+    """Writes one part: records (cache_format bytes) in, zarr3 chunks out; `close()` -> records."""
+
+    def __init__(self, root: str, name: str, capacity: int, seq_len: int, feature_dim: int):
+        ts = _ts()
+        self.url, self.t, self.f = root + name + "/", seq_len, feature_dim
+        self.capacity = capacity
+        self.chunk = chunk_records(seq_len, feature_dim, capacity)
+        tokens, ct = capacity * seq_len, self.chunk * seq_len
+        self._arrays = {
+            "features": ts.open(_spec(self.url + "features/", "bfloat16", [tokens, feature_dim],
+                                      [ct, feature_dim])).result(),
+            "input_ids": ts.open(_spec(self.url + "input_ids/", "int32", [tokens], [ct])).result(),
+            "loss_mask": ts.open(_spec(self.url + "loss_mask/", "uint8", [tokens], [ct])).result(),
+        }
+        self._buf = {"features": np.empty((ct, feature_dim), BF16),
+                     "input_ids": np.empty(ct, np.int32), "loss_mask": np.empty(ct, np.uint8)}
+        self.records = 0  # written to the buffer or flushed
+        self._flushed = 0
+
+    def write(self, record: bytes, manifest) -> None:
+        if self.records >= self.capacity:
+            raise ValueError(f"part {self.url} is full ({self.capacity} records)")
+        rec = decode_record(record, manifest)
+        row = (self.records - self._flushed) * self.t
+        for key in ("features", "input_ids", "loss_mask"):
+            self._buf[key][row:row + self.t] = rec[key]
+        self.records += 1
+        if self.records - self._flushed == self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        n = (self.records - self._flushed) * self.t
+        if n == 0:
+            return
+        lo = self._flushed * self.t
+        futures = [a[lo:lo + n].write(self._buf[k][:n]) for k, a in self._arrays.items()]
+        for fut in futures:
+            fut.result()
+        self._flushed = self.records
+
+    def close(self) -> int:
+        self._flush()
+        tokens = self.records * self.t
+        if self.records < self.capacity:  # drop the unused tail (and its shape) for good
+            for k, a in self._arrays.items():
+                shape = [tokens] + list(a.shape[1:])
+                self._arrays[k] = a.resize(exclusive_max=shape, shrink_only=True).result()
+        offsets = np.arange(self.records + 1, dtype=np.int64) * self.t
+        ts = _ts()
+        off = ts.open(_spec(self.url + "offsets/", "int64", [self.records + 1],
+                            [self.records + 1])).result()
+        off.write(offsets).result()
+        self._arrays = {}
+        return self.records
+
+
+class TSCacheReader:
+    """Random access and streaming over the committed TS parts of a cache, in sequence order.
+
+    Same interface as `CacheReader` (`len`, `[i]` -> dict(input_ids, loss_mask, features),
+    iteration, `verify()`), and a Grain `RandomAccessDataSource` as it is (picklable: handles are
+    reopened lazily in each worker).
+    """
+
+    def __init__(self, directory, manifest, parts):
+        self.directory = directory
+        self.manifest = manifest
+        self.root = root_url(directory, manifest.kvstore)
+        self.parts = tuple(sorted(parts, key=lambda p: (p.part, p.shard)))
+        self._starts = np.cumsum([0] + [p.records for p in self.parts])
+        self._open: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.root + p.file for p in self.parts]
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_open"], d["_lock"] = collections.OrderedDict(), None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def _part(self, k: int) -> dict:
+        with self._lock:
+            if k in self._open:
+                self._open.move_to_end(k)
+                return self._open[k]
+        ts = _ts()
+        url = self.root + self.parts[k].file + "/"
+        arrays = {a: ts.open({"driver": "zarr3", "kvstore": url + a + "/"}, open=True,
+                             read=True).result() for a in ARRAYS}
+        arrays["offsets"] = arrays["offsets"].read().result()
+        with self._lock:
+            self._open[k] = arrays
+            while len(self._open) > _MAX_OPEN_PARTS:
+                self._open.popitem(last=False)
+        return arrays
+
+    def __getitem__(self, index) -> dict:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} out of range for a cache of {len(self)}")
+        index %= len(self)
+        k = int(np.searchsorted(self._starts, index, side="right") - 1)
+        arrays = self._part(k)
+        j = index - int(self._starts[k])
+        lo, hi = int(arrays["offsets"][j]), int(arrays["offsets"][j + 1])
+        futures = {a: arrays[a][lo:hi].read() for a in ("input_ids", "loss_mask", "features")}
+        return {a: f.result() for a, f in futures.items()}
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def verify(self) -> int:
+        kv = open_kvstore(self.root)
+        for part in self.parts:
+            verify_part(kv, part, self.root)
+        return len(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def verify_part(kv, part: PartInfo, root: str) -> None:
+    """Raise CacheError unless the part has its committed size, CRC32 and record count."""
+    from pipeline.cache_reader import CacheError
+    size, crc = part_checksum(kv, part.file)
+    where = root + part.file
+    if size == 0:
+        raise CacheError(f"{where} is missing")
+    if size != part.bytes:
+        raise CacheError(f"{where} has {size} bytes, the ledger committed {part.bytes} "
+                         "(truncated or overwritten)")
+    if crc != part.crc32:
+        raise CacheError(f"{where} is corrupted: CRC32 {crc:#010x} != committed {part.crc32:#010x}")
+    ts = _ts()
+    try:
+        off = ts.open({"driver": "zarr3", "kvstore": where + "/offsets/"}, open=True).result()
+    except (ValueError, RuntimeError) as e:
+        raise CacheError(f"{where}: unreadable offsets ({e})") from None
+    if off.shape[0] != part.records + 1:
+        raise CacheError(f"{where} holds {off.shape[0] - 1} records, expected {part.records}")
