@@ -10,6 +10,9 @@ manifest, e.g. gs://bucket/cache/), holding a jagged, token-major layout:
     loss_mask/  zarr3 uint8    [tokens]
     offsets/    zarr3 int64    [records + 1]   sequence r is tokens offsets[r]:offsets[r+1]
 
+Chunks are plain (`PLAIN_CODECS`: uncompressed, unsharded), so a sequence's features are one
+byte range of one chunk file, which the trainer reads straight into its batch (`plain_chunk_files`;
+parts written before this, TensorStore sharded into [1024, 960] inner chunks, read as well).
 A part is written chunk by chunk (the writer buffers one chunk), resized to what it holds and
 closed before the ledger names it; its committed size and CRC32 cover every key and value under
 its prefix, so verification and resume treat it exactly as an ArrayRecord file.
@@ -18,10 +21,14 @@ No jax import: the trainer reads caches through this module.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import json
 import math
+import os
 import re
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +39,7 @@ PART_RE = re.compile(r"^(shard-\d+-of-\d+\.part-\d+\.ts)/")
 CHUNK_TARGET_BYTES = 64 << 20  # one write (and one read of a whole chunk) per ~64 MiB
 ARRAYS = ("features", "input_ids", "loss_mask", "offsets")
 _MAX_OPEN_PARTS = 16
+_PREAD_THREADS = 2  # os.preadv's of plain chunk files in flight per reader (they drop the GIL)
 
 
 def _ts():
@@ -87,9 +95,14 @@ def chunk_records(seq_len: int, feature_dim: int, per_part: int) -> int:
     return max(1, min(per_part, math.ceil(CHUNK_TARGET_BYTES / max(per_seq, 1))))
 
 
+# Plain chunks: one little-endian C-order file per chunk. Without it TensorStore shards large
+# chunks into [1024, 960] inner chunks, and a sequence's features are no longer one byte range.
+PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+
+
 def _spec(url: str, dtype: str, shape, chunk) -> dict:
     return {"driver": "zarr3", "kvstore": url,
-            "metadata": {"shape": list(shape), "data_type": dtype,
+            "metadata": {"shape": list(shape), "data_type": dtype, "codecs": PLAIN_CODECS,
                          "chunk_grid": {"name": "regular",
                                         "configuration": {"chunk_shape": list(chunk)}}},
             "create": True, "delete_existing": True}
@@ -168,6 +181,8 @@ class TSCacheReader:
         self._starts = np.cumsum([0] + [p.records for p in self.parts])
         self._open: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._pool = None  # read_features_into's os.preadv threads, started on first use
+        self.pread_plain_chunks = True  # False: every read through TensorStore (to compare)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -178,7 +193,7 @@ class TSCacheReader:
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_open"], d["_lock"] = collections.OrderedDict(), None
+        d["_open"], d["_lock"], d["_pool"] = collections.OrderedDict(), None, None
         return d
 
     def __setstate__(self, d):
@@ -195,13 +210,16 @@ class TSCacheReader:
         arrays = {a: ts.open({"driver": "zarr3", "kvstore": url + a + "/"}, open=True,
                              read=True).result() for a in ARRAYS}
         arrays["offsets"] = arrays["offsets"].read().result()
+        arrays["plain"] = (plain_chunk_files(self.root, self.parts[k].file, "features")
+                           if self.pread_plain_chunks else None)
         with self._lock:
             self._open[k] = arrays
             while len(self._open) > _MAX_OPEN_PARTS:
                 self._open.popitem(last=False)
         return arrays
 
-    def __getitem__(self, index) -> dict:
+    def _locate(self, index) -> tuple[dict, int, int]:
+        """Record index -> (its part's open arrays, first token, end token)."""
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"record {index} out of range for a cache of {len(self)}")
@@ -209,9 +227,39 @@ class TSCacheReader:
         k = int(np.searchsorted(self._starts, index, side="right") - 1)
         arrays = self._part(k)
         j = index - int(self._starts[k])
-        lo, hi = int(arrays["offsets"][j]), int(arrays["offsets"][j + 1])
+        return arrays, int(arrays["offsets"][j]), int(arrays["offsets"][j + 1])
+
+    def __getitem__(self, index) -> dict:
+        arrays, lo, hi = self._locate(index)
         futures = {a: arrays[a][lo:hi].read() for a in ("input_ids", "loss_mask", "features")}
         return {a: f.result() for a, f in futures.items()}
+
+    def read_tokens(self, index) -> dict:
+        """Record `index` without its features: dict(input_ids, loss_mask)."""
+        arrays, lo, hi = self._locate(index)
+        futures = {a: arrays[a][lo:hi].read() for a in ("input_ids", "loss_mask")}
+        return {a: f.result() for a, f in futures.items()}
+
+    def read_features_into(self, index, out: np.ndarray):
+        """Start reading record `index`'s features [T, F] straight into `out` (a writable,
+        C-contiguous bf16 array, e.g. one row of a batch); returns a future (`.result()` waits).
+        Plain chunk files on a local filesystem (`plain_chunk_files`: what TSPartWriter writes)
+        are os.preadv'd into `out`, one copy; anything else is read by TensorStore (its read
+        buffer, then `out`)."""
+        arrays, lo, hi = self._locate(index)
+        plain = arrays["plain"]
+        if plain is not None and out.flags.c_contiguous and out.nbytes == (hi - lo) * plain[2]:
+            directory, rows, row_bytes = plain
+            c, r = divmod(lo, rows)
+            if (hi - 1) // rows == c:  # one chunk holds the sequence (the writer's layout)
+                with self._lock:
+                    if self._pool is None:
+                        self._pool = concurrent.futures.ThreadPoolExecutor(
+                            _PREAD_THREADS, thread_name_prefix="ts-pread")
+                    pool = self._pool
+                return pool.submit(_pread_into, directory / "c" / str(c) / "0", out,
+                                   r * row_bytes)
+        return _ts().array(out, copy=False, write=True).write(arrays["features"][lo:hi])
 
     def __iter__(self):
         for i in range(len(self)):
@@ -226,12 +274,68 @@ class TSCacheReader:
     def close(self) -> None:
         with self._lock:
             self._open.clear()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def plain_chunk_files(root: str, part: str, array: str):
+    """(directory, rows per chunk, bytes per row) when the part's bf16 [rows, F] `array` is
+    stored as plain chunk files on a local filesystem, else None (e.g. a sharded or compressed
+    array, an older dump, a gs:// root). Plain: zarr3, only the little-endian `bytes` codec,
+    default chunk keys, fill value 0; row r of chunk c is then bytes [r * row_bytes,
+    (r + 1) * row_bytes) of the file <directory>/c/<c>/0, and an absent chunk file holds zeros
+    (zarr stores no chunk of fill values only)."""
+    if not root.startswith("file://"):
+        return None
+    directory = Path(root[len("file://"):]) / part / array
+    try:
+        meta = json.loads((directory / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    grid, keys = meta.get("chunk_grid", {}), meta.get("chunk_key_encoding", {})
+    chunk = grid.get("configuration", {}).get("chunk_shape", [])
+    shape = meta.get("shape", [])
+    if (meta.get("codecs") != PLAIN_CODECS or grid.get("name") != "regular"
+            or keys.get("name") != "default"
+            or keys.get("configuration", {}).get("separator", "/") != "/"
+            or not _is_positive_zero(meta.get("fill_value"))
+            or meta.get("data_type") != "bfloat16"
+            or len(chunk) != 2 or len(shape) != 2 or chunk[1] != shape[1]):
+        return None
+    return directory, int(chunk[0]), int(chunk[1]) * BF16.itemsize
+
+
+def _is_positive_zero(value) -> bool:
+    """The fill value whose bf16 bits are all zero (0.0, not -0.0)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+            and math.copysign(1.0, value) > 0)
+
+
+def _pread_into(path: Path, out: np.ndarray, offset: int) -> None:
+    """Fill C-contiguous `out` with the file's bytes from `offset` (one copy, no buffer)."""
+    view = out.reshape(-1).view(np.uint8)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # a chunk of fill values only: zarr stores no file
+        view[:] = 0
+        return
+    try:
+        done = 0
+        while done < view.nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                from pipeline.cache_reader import CacheError
+                raise CacheError(f"{path} ends before byte {offset + view.nbytes} (truncated)")
+            done += n
+    finally:
+        os.close(fd)
 
 
 def verify_part(kv, part: PartInfo, root: str) -> None:

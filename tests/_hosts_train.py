@@ -1,7 +1,7 @@
 """Trainer entry of the multi-process tests: `python -m tests._hosts_fixtures train [--emulate P]
 <train.main flags> [--coordinator-address A --num-processes P --process-id I]`.
 
-With the jax.distributed flags it is one process of a localhost cluster running `train.main`.
+With the jax.distributed flags (handled by `train.main`) it is one process of a localhost cluster.
 With `--emulate P` it is the one-process oracle: the same global batches, built by concatenating
 the P per-process streams of the loader (in process order), fed to the same trainer.
 """
@@ -44,14 +44,9 @@ def _emulating(make_dataset, count: int):
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--emulate", type=int, default=None)
-    p.add_argument("--coordinator-address", default=None)
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
-    a, rest = p.parse_known_args(argv)
+    a, rest = p.parse_known_args(argv)  # the jax.distributed flags go to train.main itself
     import jax
 
-    if a.coordinator_address:
-        jax.distributed.initialize(a.coordinator_address, a.num_processes, a.process_id)
     jax.config.update("jax_default_matmul_precision", "highest")
     if a.emulate:
         import train.loop

@@ -162,7 +162,8 @@ def test_rerun_with_other_settings_is_refused(data, tmp_path):
 
 def test_cli_bad_input_is_one_line(data, tmp_path):
     for extra, msg in ((["--mesh", "data=3"], "--mesh"), (["--batch-size", "0"], "batch_size"),
-                       (["--data", str(tmp_path / "nope")], "manifest.json not found")):
+                       (["--data", str(tmp_path / "nope")], "manifest.json not found"),
+                       (["--num-processes", "2"], "go together")):
         cmd = [sys.executable, "-m", "train.main", "--data", str(data), "--out",
                str(tmp_path / "o"), "--no-progress"] + extra
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -186,3 +187,23 @@ def test_export_draft_from_run_checkpoint(reference, cli_env, tmp_path):
     assert cfg_exp == model.load_msgpack(out / "draft_params.msgpack")[0]
     for a, b in zip(jax.tree.leaves(params_exp), _params(out)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_manifest_checks_against_teacher_config():
+    """draft_config_for refuses caches that do not belong to the teacher, in one line."""
+    from pipeline.cache_format import CacheManifest
+    from train.loop import draft_config_for
+    hf = {"hidden_size": 64, "num_hidden_layers": 4, "vocab_size": 300, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
+          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512}
+    good = CacheManifest(seq_len=32, hidden_size=64, layer_ids=(1, 3), shards=1, commit_every=1,
+                         teacher={}, mask_token_id=299, vocab_size=300)
+    cfg = TrainConfig(draft_layers=1, block_size=4)
+    assert draft_config_for(cfg, good, hf).mask_token_id == 299
+    for change, pattern in [({"mask_token_id": 300}, "mask_token_id 300 outside"),
+                            ({"mask_token_id": None}, "no mask_token_id"),
+                            ({"hidden_size": 32}, "hidden size"),
+                            ({"layer_ids": (1, 4)}, "layer ids"),
+                            ({"vocab_size": 301}, "vocab")]:
+        with pytest.raises(UserError, match=pattern):
+            draft_config_for(cfg, dataclasses.replace(good, **change), hf)

@@ -106,8 +106,10 @@ def synthetic_sequences(n: int, seq_len: int, feature_dim: int, seed: int = 0):
 
 
 def write_synthetic_cache(out: Path, n: int, seq_len: int, hidden: int, num_features: int,
-                          *, shards: int = 4, commit_every: int = 16, seed: int = 0):
-    """A complete cache written by the dump's own CacheWriter (same files a dump makes)."""
+                          *, shards: int = 4, commit_every: int = 16, seed: int = 0,
+                          fmt: str = "arrayrecord"):
+    """A complete cache written by the dump's own CacheWriter (same files a dump makes), in
+    `fmt` ("arrayrecord" or "tensorstore" parts)."""
     from pipeline.cache import CacheManifest, encode_record, prepare_cache
 
     out = Path(out)
@@ -115,7 +117,7 @@ def write_synthetic_cache(out: Path, n: int, seq_len: int, hidden: int, num_feat
         seq_len=seq_len, hidden_size=hidden, layer_ids=tuple(range(1, num_features + 1)),
         shards=shards, commit_every=commit_every,
         teacher={"path": "synthetic", "seed": seed}, mask_token_id=200_000, vocab_size=201_088,
-        settings={"synthetic": True, "n": n})
+        settings={"synthetic": True, "n": n}, format=fmt)
     prepared = prepare_cache(out, manifest, overwrite=True)
     for ids, mask, feats in synthetic_sequences(n, seq_len, hidden * num_features, seed):
         prepared.writer.write(encode_record(ids, mask, feats))

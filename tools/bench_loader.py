@@ -10,6 +10,10 @@ alternative layout is written, read and deleted in turn, so /dev/shm holds at mo
   arrayrecord        ArrayRecordReader, one record at a time (1 thread, and a thread pool)
   grain w=W t=R      train.loader.make_dataset (shuffle, decode, anchors, batch), R read threads,
                      W worker processes (mp_prefetch; 0 = threads in the main process)
+  grain[tensorstore] the same trainer path over the same sequences dumped with
+                     `--format tensorstore`: features os.preadv'd from the plain chunk files
+                     straight into the batch; [ts read]: TensorStore reading into the batch
+                     instead (what the loader does for other kvstores or sharded parts)
   npz                np.load of one .npz holding features [N, T, F] (the seed's format)
   torch / st         one torch.save / safetensors file per sequence, read in shuffled order and
                      collated into a batch array (np.stack, as DataLoader's default_collate)
@@ -43,22 +47,22 @@ def touch(arr) -> int:
     return flat.nbytes
 
 
-def clock() -> tuple[float, float]:
-    """(wall, CPU seconds of this process and its reaped children): CPU per GB is what the
-    machine's other tenants can't distort; wall time is what a trainer waits for."""
+def clock() -> tuple[float, float, int]:
+    """(wall, CPU seconds, page faults of this process and its reaped children): CPU per GB is
+    what the machine's other tenants can't distort; wall time is what a trainer waits for."""
     import resource
 
-    cpu = sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
-              for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return time.perf_counter(), cpu
+    use = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return (time.perf_counter(), sum(u.ru_utime + u.ru_stime for u in use),
+            sum(u.ru_minflt + u.ru_majflt for u in use))
 
 
 def _row(name, start, feature_bytes, seqs, **extra):
-    wall, cpu = clock()
-    seconds = wall - start[0]
-    return {"reader": name, "seconds": seconds, "GB_per_s": feature_bytes / seconds / 1e9,
-            "seq_per_s": seqs / seconds, "cpu_s_per_GB": (cpu - start[1]) / (feature_bytes / 1e9),
-            **extra}
+    wall, cpu, faults = clock()
+    seconds, gb = wall - start[0], feature_bytes / 1e9
+    return {"reader": name, "seconds": seconds, "GB_per_s": gb / seconds,
+            "seq_per_s": seqs / seconds, "cpu_s_per_GB": (cpu - start[1]) / gb,
+            "faults_per_GB": (faults - start[2]) / gb, **extra}
 
 
 def bench_raw(paths, n, feat_bytes):
@@ -95,7 +99,7 @@ def bench_arrayrecord(cache, threads: int):
     return _row(f"arrayrecord random t={threads}", t0, total, n)
 
 
-def bench_grain(cache, *, batch, threads, prefetch, workers, batches):
+def bench_grain(cache, *, batch, threads, prefetch, workers, batches, label="grain"):
     import grain
 
     from train.loader import make_dataset
@@ -112,11 +116,11 @@ def bench_grain(cache, *, batch, threads, prefetch, workers, batches):
     t0 = clock()
     for _ in range(batches):
         total += touch(next(it)["features"])
-    row = _row(f"grain w={workers} t={threads} b={batch}", t0, total, batches * batch,
+    row = _row(f"{label} w={workers} t={threads} b={batch}", t0, total, batches * batch,
                ram_budget_records=(prefetch + batch) * max(workers, 1))
     if workers:  # worker CPU is only counted once the workers are reaped
         it.close()
-        row["cpu_s_per_GB"] = None
+        row["cpu_s_per_GB"] = row["faults_per_GB"] = None
     return row
 
 
@@ -233,6 +237,36 @@ def bench_per_sample(root, cache, n, kind: str, batch: int):
     return row
 
 
+def bench_tensorstore(a, threads, batches) -> list[dict]:
+    """The trainer's loader over the same sequences in `--format tensorstore` parts, and a raw
+    sequential read of those part files (bytes of the features chunks only)."""
+    from pathlib import Path
+
+    from pipeline.cache import open_cache
+
+    path = scratch_dir(a.root, "loader_cache_ts")
+    write_synthetic_cache(path, a.n, a.seq_len, a.hidden, a.num_features, shards=4,
+                          commit_every=16, fmt="tensorstore")
+    cache = open_cache(path)
+    feat_bytes = a.seq_len * a.hidden * a.num_features * 2
+    chunks = sorted(str(q) for q in Path(path).glob("*.ts/features/c/**/*") if q.is_file())
+    rows = bench_raw(chunks, a.n, feat_bytes)
+    for r in rows:
+        r["reader"] += " [tensorstore features chunks]"
+    for pread in (True, False):  # the loader's path; TensorStore's own read (other kvstores)
+        cache.close()
+        cache = open_cache(path)
+        cache.pread_plain_chunks = pread
+        for t in threads if pread else threads[-1:]:
+            rows.append(bench_grain(cache, batch=a.batch, threads=t, prefetch=a.prefetch,
+                                    workers=0, batches=batches,
+                                    label="grain[tensorstore]" if pread else "grain[ts read]"))
+    cache.close()
+    if not a.keep:
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,9 +282,17 @@ def main(argv=None) -> dict:
     p.add_argument("--sub-tokens", type=int, default=128,
                    help="tokens per sub-record in the sub-record proposal (128 -> 3.5 MiB)")
     p.add_argument("--skip-alternatives", action="store_true", help="only raw + ours")
+    p.add_argument("--skip-tensorstore", action="store_true",
+                   help="no rows for the same sequences in a `--format tensorstore` cache")
+    p.add_argument("--skip-proposals", action="store_true", help="no flat / sub-record rows")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="measure without train.loader.tune_malloc (DFLASH_LOADER_MALLOC=0; "
+                        "only where train.loader is not imported yet: it tunes at import)")
     p.add_argument("--keep", action="store_true", help="keep the cache afterwards")
     a = p.parse_args(argv)
-
+    if a.no_malloc_tuning:
+        os.environ["DFLASH_LOADER_MALLOC"] = "0"
+    import train.loader  # tunes malloc at import, before any reader thread (as the trainer)
     from pipeline.cache import open_cache
 
     path = scratch_dir(a.root, "loader_cache")
@@ -273,9 +315,9 @@ def main(argv=None) -> dict:
         if w:
             rows.append(bench_grain(cache, batch=a.batch, threads=int(best_t),
                                     prefetch=a.prefetch, workers=w, batches=batches))
-    for t in (1, 2):
+    for t in () if a.skip_proposals else (1, 2):
         rows.append(bench_flat(a.root, cache, a.n, batch=a.batch, threads=t))
-    for t in (1, 2):
+    for t in () if a.skip_proposals else (1, 2):
         rows.append(bench_subrecords(a.root, cache, a.n, batch=a.batch, threads=t,
                                      sub_tokens=a.sub_tokens))
     if not a.skip_alternatives:
@@ -285,19 +327,25 @@ def main(argv=None) -> dict:
     cache.close()
     if not a.keep:
         shutil.rmtree(path, ignore_errors=True)
+    if not a.skip_tensorstore:  # written after the ArrayRecord copy is gone
+        rows += bench_tensorstore(a, threads, batches)
 
     by = {r["reader"]: r["GB_per_s"] for r in rows}
     raw = max(by["raw dd bs=4M"], by["raw python readinto 64MiB"])
     ours = max(v for k, v in by.items() if k.startswith("grain"))
-    flat = max(v for k, v in by.items() if k.startswith("flat"))
-    sub = max(v for k, v in by.items() if "sub-records" in k)
+    best = lambda prefix: max((v for k, v in by.items() if k.startswith(prefix)), default=None)
+    flat, sub = best("flat"), max((v for k, v in by.items() if "sub-records" in k), default=None)
     per_sample = max((v for k, v in by.items() if "per sample" in k), default=None)
     for r in rows:
         r["x_raw"] = r["GB_per_s"] / raw
     summary = {
         "record_mb": cache.manifest.record_nbytes / 1e6, "cache_gb": cache_bytes / 1e9,
+        "malloc_tuned": train.loader.MALLOC_TUNED,
         "loader_ram_budget_gb": (a.prefetch + a.batch) * cache.manifest.record_nbytes / 1e9,
-        "best_grain_GB_per_s": ours, "flat_preadv_GB_per_s": flat,
+        "best_grain_GB_per_s": ours, "best_grain_arrayrecord_GB_per_s": best("grain w="),
+        "best_grain_tensorstore_GB_per_s": best("grain[tensorstore]"),
+        "best_grain_ts_read_GB_per_s": best("grain[ts read]"),
+        "flat_preadv_GB_per_s": flat,
         "subrecords_GB_per_s": sub, "raw_GB_per_s": raw, "grain_x_raw": ours / raw,
         "grain_x_per_sample": None if per_sample is None else ours / per_sample,
         "goal_ge_0.8x_raw": ours >= 0.8 * raw,
@@ -305,7 +353,7 @@ def main(argv=None) -> dict:
         "needed_GB_per_s": {"h100_at_45pct_mfu_block8": 0.86, "issue_estimate_h100": 0.5,
                             "issue_estimate_v5e8_host": 1.2}}
     return report("loader", ["reader", "seconds", "GB_per_s", "seq_per_s", "x_raw",
-                             "cpu_s_per_GB", "ram_budget_records"], rows, summary)
+                             "cpu_s_per_GB", "faults_per_GB", "ram_budget_records"], rows, summary)
 
 
 if __name__ == "__main__":

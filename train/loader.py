@@ -3,18 +3,27 @@ threads, draw anchors, batch, and lay each batch out on the mesh as global jax.A
 
     source -> MapDataset (index, record) -> shuffle(seed) -> repeat -> (epoch, ...)
     -> [process::processes] -> anchors -> to_iter_dataset(ReadOptions) -> batch
+    (TensorStore: -> batch reading the features into it -> thread prefetch)
 
 The source is any cache format (`pipeline.cache.open_cache`): ArrayRecord parts (read through
-Grain's ArrayRecordDataSource), TensorStore parts, or a multi-process dump. A multi-process cache
-read by as many processes as dumped it is sliced by host instead: process p reads only host p's
-sub-cache (its own rows, which may live on host-local storage), shuffled on its own.
+Grain's ArrayRecordDataSource), TensorStore parts, or a multi-process dump. TensorStore features
+skip the per-element copy: elements carry ids, mask, anchors and the record's row, and the batch
+step reads each sequence's features straight into the batch array (`read_features_into`: one
+os.preadv of a plain chunk file; no Python bytes, no np.stack), in a prefetch thread of its own.
+A multi-process cache read by as many processes as dumped it is sliced by host instead: process
+p reads only host p's sub-cache (its own rows, which may live on host-local storage), shuffled
+on its own.
 Every element is a pure function of its position in the stream, so the iterator state Grain saves
 (a position) restores the exact following batches, and the anchors of a sequence depend only on
 (seed, epoch, sequence index). The saved state records the process count: positions are per
 process, so restoring under another count is refused.
+Importing this module tunes glibc malloc for record-sized buffers (`tune_malloc`).
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import weakref
 from pathlib import Path
 
 import grain
@@ -22,11 +31,45 @@ import jax
 import numpy as np
 
 from pipeline.cache import CacheManifest, CacheReader, decode_record, open_cache
+from pipeline.cache_format import BF16
 from pipeline.errors import UserError
 from train.anchors import draw_anchors
 
 # What the device step consumes; everything else in an element is for tests and logs.
 DEVICE_KEYS = ("input_ids", "loss_mask", "features", "anchors", "anchor_valid")
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_HEAP_KEEP_BYTES = 1 << 30
+
+
+def tune_malloc() -> bool:
+    """Make glibc malloc reuse record-sized buffers instead of faulting in fresh pages for each.
+
+    Reading one record allocates several record-sized buffers (Riegeli's chunk, the record
+    string, Python's bytes; TensorStore's read buffer). By default glibc mmaps each buffer over
+    32 MiB afresh, serves reader threads from per-thread arenas whose heaps are capped at 64 MiB
+    (so 30-88 MB buffers keep landing in new mappings), and unmaps freed memory: the kernel then
+    zero-fills every page on first touch (page faults cost as much as the copies; measured in
+    docs/BENCHMARKS.md section 2: 0.25-1.3 M faults and 0.8-2.5 extra CPU s per GB). Here: one arena
+    (the main, brk heap), no per-allocation mmap, and up to 1 GiB of freed heap kept mapped.
+    Process-wide; the arena limit only holds for threads that allocate after it, so it is
+    applied when this module is imported (before JAX or Grain start their threads).
+    Costs: resident memory stays at its peak (up to 1 GiB of free heap), and every thread
+    shares one malloc lock. DFLASH_LOADER_MALLOC=0 leaves malloc alone. Returns whether the
+    settings were applied (False off glibc)."""
+    if os.environ.get("DFLASH_LOADER_MALLOC", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _HEAP_KEEP_BYTES))
+    return all([mallopt(p, v) == 1 for p, v in settings])  # a list: apply every one
+
+
+MALLOC_TUNED = tune_malloc()
 
 
 def open_training_cache(data_dir: str | Path):
@@ -65,6 +108,43 @@ def _records(reader):
     return _ArrayRecordRecords(reader) if isinstance(reader, CacheReader) else reader
 
 
+def _reads_into_batch(reader) -> bool:
+    """Whether the reader can read a record's features straight into a batch row (TensorStore)."""
+    return callable(getattr(reader, "read_features_into", None))
+
+
+class _TokensOnly:
+    """A direct-read source's records without features: ids, mask and the row to read later."""
+
+    def __init__(self, reader):
+        self._reader = reader
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def __getitem__(self, i) -> dict:
+        return dict(self._reader.read_tokens(int(i)), row=int(i))
+
+
+class _BatchInto:
+    """Grain batch_fn for direct-read sources: stacks the small arrays and reads every sequence's
+    features into one preallocated [B, T, F] array (the reads issued together, then awaited)."""
+
+    def __init__(self, reader):
+        self._reader = reader
+        self._shape = (reader.manifest.seq_len, reader.manifest.feature_dim)
+
+    def __call__(self, elements) -> dict:
+        features = np.empty((len(elements), *self._shape), BF16)
+        futures = [self._reader.read_features_into(int(e["row"]), features[j])
+                   for j, e in enumerate(elements)]
+        batch = {k: np.stack([e[k] for e in elements]) for k in elements[0] if k != "row"}
+        for f in futures:
+            f.result()
+        batch["features"] = features
+        return batch
+
+
 class _Indexed:
     """Random-access source yielding (sequence index, record dict): the anchor draw needs the
     sequence's (global) identity after the shuffle."""
@@ -90,10 +170,15 @@ class _Draw:
         epoch, (index, rec) = item
         anchors, valid = draw_anchors(rec["loss_mask"], self.num_anchors, seed=self.seed,
                                       epoch=epoch, index=index)
-        return {"input_ids": np.asarray(rec["input_ids"], np.int32),
-                "loss_mask": np.asarray(rec["loss_mask"]), "features": np.asarray(rec["features"]),
-                "anchors": anchors, "anchor_valid": valid,
-                "index": np.int64(index), "epoch": np.int64(epoch)}
+        out = {"input_ids": np.asarray(rec["input_ids"], np.int32),
+               "loss_mask": np.asarray(rec["loss_mask"]),
+               "anchors": anchors, "anchor_valid": valid,
+               "index": np.int64(index), "epoch": np.int64(epoch)}
+        if "row" in rec:  # features are read into the batch (_BatchInto)
+            out["row"] = rec["row"]
+        else:
+            out["features"] = np.asarray(rec["features"])
+        return out
 
 
 def num_anchors_for(manifest: CacheManifest, anchors_per_seq: int) -> int:
@@ -111,11 +196,28 @@ class ProcessDataset:
         return ProcessIterator(iter(self._dataset), self.process_count)
 
 
+def _close_boxed(box: list) -> None:
+    """Close the Grain iterator in `box` and drop it (so its __del__ runs now, not at teardown)."""
+    it = box.pop() if box else None
+    if callable(getattr(it, "close", None)):
+        it.close()
+
+
 class ProcessIterator:
-    """Grain's iterator, with the process count in its state (what the checkpoint stores)."""
+    """Grain's iterator, with the process count in its state (what the checkpoint stores).
+
+    Closed at interpreter exit at the latest: a prefetch thread still inside a TensorStore read
+    when Python finalizes would abort the process ("terminate called ...")."""
 
     def __init__(self, it, process_count: int):
-        self._it, self.process_count = it, process_count
+        self._box, self.process_count = [it], process_count
+        self.close = weakref.finalize(self, _close_boxed, self._box)  # runs once; at exit too
+
+    @property
+    def _it(self):
+        if not self._box:
+            raise ValueError("the data iterator was closed")
+        return self._box[0]
 
     def __iter__(self):
         return self
@@ -150,10 +252,12 @@ def make_dataset(cache, *, global_batch: int,
     if manifest.hosts > 1 and manifest.hosts == pc:
         # host-sliced: this process's rows are host pi's sub-cache, shuffled on their own
         view = cache.process_view(pi, pc)
-        source = _Indexed(_records(view.reader), view.global_index)
+        reader, index_of = view.reader, view.global_index
         seed_p, stride = (seed ^ (pi * 0x9E3779B9)) % 2**32, 1
     else:
-        source, seed_p, stride = _Indexed(_records(cache)), seed % 2**32, pc
+        reader, index_of, seed_p, stride = cache, None, seed % 2**32, pc
+    direct = _reads_into_batch(reader)
+    source = _Indexed(_TokensOnly(reader) if direct else _records(reader), index_of)
     n = len(source)
     ds = grain.MapDataset.source(source).shuffle(seed=seed_p).repeat(None)
     ds = ds.map_with_index(lambda i, item: (i // n, item))  # epoch of each stream position
@@ -162,7 +266,13 @@ def make_dataset(cache, *, global_batch: int,
     ds = ds.map(_Draw(num_anchors_for(manifest, anchors_per_seq), seed))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=prefetch))
-    return ProcessDataset(ds.batch(global_batch // pc, drop_remainder=True), pc)
+    batch = global_batch // pc
+    if not direct:
+        return ProcessDataset(ds.batch(batch, drop_remainder=True), pc)
+    ds = ds.batch(batch, drop_remainder=True, batch_fn=_BatchInto(reader))
+    # the features are read in the batch step: a thread runs it ahead (state: the consumed one's)
+    return ProcessDataset(grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=max(1, prefetch // batch)), pc)
 
 
 def to_global(batch: dict, shardings: dict) -> dict:

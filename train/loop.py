@@ -58,6 +58,10 @@ def draft_config_for(cfg: TrainConfig, manifest, hf_config: dict) -> DraftConfig
         raise UserError(f"cache vocab {manifest.vocab_size} != teacher vocab {hf_config['vocab_size']}")
     if manifest.mask_token_id is None:
         raise UserError("cache manifest records no mask_token_id")
+    if not 0 <= int(manifest.mask_token_id) < int(hf_config["vocab_size"]):
+        # an out-of-range id would silently clamp in the embedding gather on accelerators
+        raise UserError(f"cache mask_token_id {manifest.mask_token_id} outside the teacher's "
+                        f"vocab of {hf_config['vocab_size']}")
     return DraftConfig.from_target(
         hf_config, num_draft_layers=cfg.draft_layers, block_size=cfg.block_size,
         mask_token_id=int(manifest.mask_token_id), num_features=manifest.num_features,

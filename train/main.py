@@ -5,6 +5,10 @@
 Defaults are the z-lab gpt-oss-20b draft (8 layers, block 8) and the paper's recipe (512 anchors
 per sequence, AdamW 6e-4, 4% warmup + cosine, clip 1.0). Ends by printing one JSON line:
 {"steps", "final_loss", "expected_tau", "tokens_per_s", "seconds"}.
+
+Several hosts (JAX multi-controller): every host runs the same command with
+`--coordinator-address host0:port --num-processes P --process-id p`, or `--distributed` on a TPU
+pod; each reads only its own rows of the cache and the global batch spans all of them.
 """
 from __future__ import annotations
 
@@ -46,17 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
                            help=help_)
         else:  # "int", "float | None", ...: the first word names the type
             p.add_argument(flag, type=_TYPES[f.type.split(" ")[0]], default=default, help=help_)
+    p.add_argument("--coordinator-address", default=None,
+                   help="jax.distributed: host:port of process 0 (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, default=None, help="jax.distributed: process count")
+    p.add_argument("--process-id", type=int, default=None, help="jax.distributed: this process")
+    p.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() from the cluster environment (TPU pod)")
     return p
 
 
+_DIST_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
+    dist = argparse.Namespace(**{k: args.pop(k) for k in _DIST_FLAGS})
     try:
-        cfg = TrainConfig(**vars(args))
+        cfg = TrainConfig(**args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        from pipeline.dump_hosts import process_group
+        process_group(dist)  # before any backend starts: jax.distributed must come first
         from train.loop import train
         summary = train(cfg)
     except UserError as e:

@@ -1,0 +1,153 @@
+"""The loader's direct read path (TensorStore features read straight into the batch array: by
+os.preadv of plain chunk files, or by TensorStore for anything else, e.g. parts written sharded
+before chunks were plain) gives the same batches, bit for bit, as the ArrayRecord path over the
+same sequences, and its iterator state is the same position and round-trips. Oracle: ArrayRecord
+caches read through Grain's np.stack batching, the path the loader used before the direct read
+existed."""
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import cache_ts
+from pipeline.cache_reader import CacheError
+from pipeline.cache_ts import TSCacheReader, _pread_into, plain_chunk_files
+from tools._bench_common import write_synthetic_cache
+from train.loader import make_dataset, open_training_cache
+
+N, T, H, K = 13, 16, 4, 2  # 13 sequences: partial parts and a partial last TS chunk
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    for fmt in ("arrayrecord", "tensorstore"):
+        write_synthetic_cache(root / fmt, N, T, H, K, shards=3, commit_every=5, seed=4, fmt=fmt)
+    out = {fmt: open_training_cache(root / fmt) for fmt in ("arrayrecord", "tensorstore")}
+    out["tensorstore-ts"] = open_training_cache(root / "tensorstore")
+    out["tensorstore-ts"].pread_plain_chunks = False  # every read through TensorStore
+    return out
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """gpt-oss width (F = 5 * 2880): 2-sequence chunks of 3.7 MB, which TensorStore shards unless
+    told otherwise; "tensorstore-sharded" is written the way parts were before (no codecs)."""
+    root = tmp_path_factory.mktemp("wide")
+    kw = dict(shards=2, commit_every=4, seed=2)
+    write_synthetic_cache(root / "ar", 6, 64, 2880, 5, **kw)
+    write_synthetic_cache(root / "ts", 6, 64, 2880, 5, fmt="tensorstore", **kw)
+    old = cache_ts._spec
+
+    def sharded(*a):
+        spec = old(*a)
+        del spec["metadata"]["codecs"]
+        return spec
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cache_ts, "_spec", sharded)
+        write_synthetic_cache(root / "old", 6, 64, 2880, 5, fmt="tensorstore", **kw)
+    return {name: open_training_cache(root / d) for name, d in
+            (("arrayrecord", "ar"), ("tensorstore", "ts"), ("tensorstore-sharded", "old"))}
+
+
+def _stream(cache, **kw):
+    args = dict(global_batch=4, anchors_per_seq=5, seed=11, read_threads=2, prefetch=8)
+    return iter(make_dataset(cache, **{**args, **kw}))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8), k)
+
+
+@pytest.mark.parametrize("fmt", ["tensorstore", "tensorstore-ts"])
+def test_read_features_into_a_batch_row(caches, fmt):
+    ts, ar = caches[fmt], caches["arrayrecord"]
+    assert isinstance(ts, TSCacheReader)
+    assert (ts._part(0)["plain"] is not None) == (fmt == "tensorstore")
+    out = np.full((2, T, H * K), 7, ar[0]["features"].dtype)
+    ts.read_features_into(N - 1, out[1]).result()
+    assert np.array_equal(out[1].view(np.uint16), ar[N - 1]["features"].view(np.uint16))
+    assert (out[0].view(np.uint16) == out.view(np.uint16)[0, 0, 0]).all()  # row 0 untouched
+    tokens = ts.read_tokens(3)
+    assert sorted(tokens) == ["input_ids", "loss_mask"]
+    assert np.array_equal(tokens["input_ids"], ar[3]["input_ids"])
+
+
+@pytest.mark.parametrize("fmt,process", [("tensorstore", None), ("tensorstore", (0, 2)),
+                                         ("tensorstore", (1, 2)), ("tensorstore-ts", None)])
+def test_direct_batches_equal_arrayrecord_batches(caches, fmt, process):
+    kw = {} if process is None else {"process_index": process[0], "process_count": process[1]}
+    a, b = _stream(caches["arrayrecord"], **kw), _stream(caches[fmt], **kw)
+    for _ in range(8):  # > 2 epochs of 13 sequences
+        _assert_same(next(a), next(b))
+
+
+def test_wide_plain_and_sharded_parts_give_arrayrecord_batches(wide):
+    new, old = wide["tensorstore"], wide["tensorstore-sharded"]
+    directory, rows, row_bytes = plain_chunk_files(new.root, new.parts[0].file, "features")
+    assert rows == 128 and row_bytes == 14400 * 2  # one file per 2 sequences, no inner chunks
+    assert plain_chunk_files(old.root, old.parts[0].file, "features") is None  # sharded
+    streams = [_stream(wide[k], global_batch=2, read_threads=1)
+               for k in ("arrayrecord", "tensorstore", "tensorstore-sharded")]
+    for _ in range(7):  # > 2 epochs of 6 sequences
+        a, b, c = (next(s) for s in streams)
+        _assert_same(a, b)
+        _assert_same(a, c)
+
+
+def test_direct_iterator_state_round_trips(caches):
+    ts, ar = _stream(caches["tensorstore"]), _stream(caches["arrayrecord"])
+    for _ in range(4):
+        next(ts), next(ar)
+    state = ts.get_state()
+    assert state == ar.get_state()  # the same position, whichever format
+    expected = [next(ts) for _ in range(3)]
+    again = _stream(caches["tensorstore"])
+    again.set_state(state)
+    for e in expected:
+        _assert_same(e, next(again))
+
+
+def test_malloc_tuned_at_import():
+    import sys
+
+    import train.loader
+    # glibc (this project's Linux hosts): applied at import unless DFLASH_LOADER_MALLOC=0
+    assert train.loader.MALLOC_TUNED == (sys.platform == "linux"
+                                         and os.environ.get("DFLASH_LOADER_MALLOC") != "0")
+
+
+def test_close_stops_the_prefetch_thread_and_runs_at_exit(caches):
+    import threading
+
+    prefetchers = lambda: {t for t in threading.enumerate()
+                           if t.name.startswith("grain-thread-prefetch")}
+    before = prefetchers()
+    it = _stream(caches["tensorstore"])
+    next(it)
+    mine = prefetchers() - before
+    assert mine  # the batch step's prefetch thread (a daemon: not joined by Python at exit)
+    assert it.close.atexit  # so it is stopped before finalization: a TensorStore read still in
+    it.close()  # flight then would abort the process
+    assert not any(t.is_alive() for t in mine)
+    with pytest.raises(ValueError, match="closed"):
+        next(it)
+
+
+def test_plain_chunk_files_and_pread(caches, tmp_path):
+    ts = caches["tensorstore"]
+    directory, rows, row_bytes = plain_chunk_files(ts.root, ts.parts[0].file, "features")
+    assert row_bytes == H * K * 2 and (directory / "c" / "0" / "0").is_file()
+    assert plain_chunk_files("memory://x/", ts.parts[0].file, "features") is None  # not local
+    assert plain_chunk_files(ts.root, ts.parts[0].file, "offsets") is None  # not bf16 rows
+    out = np.full(8, 255, np.uint8)
+    _pread_into(tmp_path / "absent", out, 0)  # zarr stores no chunk of fill values only
+    assert not out.any()
+    (tmp_path / "short").write_bytes(b"x" * 12)
+    with pytest.raises(CacheError, match="truncated"):
+        _pread_into(tmp_path / "short", out, 6)
