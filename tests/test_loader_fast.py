@@ -113,13 +113,13 @@ def test_direct_iterator_state_round_trips(caches):
         _assert_same(e, next(again))
 
 
-def test_malloc_tuned_at_import():
-    import sys
-
+def test_loader_leaves_malloc_alone():
+    """Importing the loader changes no process-wide allocator setting (issue 11: a global mallopt
+    made XLA's heap grow to 21 GB)."""
     import train.loader
-    # glibc (this project's Linux hosts): applied at import unless DFLASH_LOADER_MALLOC=0
-    assert train.loader.MALLOC_TUNED == (sys.platform == "linux"
-                                         and os.environ.get("DFLASH_LOADER_MALLOC") != "0")
+
+    assert not hasattr(train.loader, "tune_malloc") and not hasattr(train.loader, "MALLOC_TUNED")
+    assert "mallopt" not in open(train.loader.__file__).read()
 
 
 def test_close_stops_the_prefetch_thread_and_runs_at_exit(caches):

@@ -285,14 +285,8 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-tensorstore", action="store_true",
                    help="no rows for the same sequences in a `--format tensorstore` cache")
     p.add_argument("--skip-proposals", action="store_true", help="no flat / sub-record rows")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="measure without train.loader.tune_malloc (DFLASH_LOADER_MALLOC=0; "
-                        "only where train.loader is not imported yet: it tunes at import)")
     p.add_argument("--keep", action="store_true", help="keep the cache afterwards")
     a = p.parse_args(argv)
-    if a.no_malloc_tuning:
-        os.environ["DFLASH_LOADER_MALLOC"] = "0"
-    import train.loader  # tunes malloc at import, before any reader thread (as the trainer)
     from pipeline.cache import open_cache
 
     path = scratch_dir(a.root, "loader_cache")
@@ -340,7 +334,6 @@ def main(argv=None) -> dict:
         r["x_raw"] = r["GB_per_s"] / raw
     summary = {
         "record_mb": cache.manifest.record_nbytes / 1e6, "cache_gb": cache_bytes / 1e9,
-        "malloc_tuned": train.loader.MALLOC_TUNED,
         "loader_ram_budget_gb": (a.prefetch + a.batch) * cache.manifest.record_nbytes / 1e9,
         "best_grain_GB_per_s": ours, "best_grain_arrayrecord_GB_per_s": best("grain w="),
         "best_grain_tensorstore_GB_per_s": best("grain[tensorstore]"),

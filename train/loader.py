@@ -17,11 +17,11 @@ Every element is a pure function of its position in the stream, so the iterator 
 (a position) restores the exact following batches, and the anchors of a sequence depend only on
 (seed, epoch, sequence index). The saved state records the process count: positions are per
 process, so restoring under another count is refused.
-Importing this module tunes glibc malloc for record-sized buffers (`tune_malloc`).
+Nothing here changes process-wide allocator settings: they would also govern XLA's allocations
+(a process-wide mallopt once grew the trainer's heap to 21 GB; issue 11).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import weakref
 from pathlib import Path
@@ -37,39 +37,6 @@ from train.anchors import draw_anchors
 
 # What the device step consumes; everything else in an element is for tests and logs.
 DEVICE_KEYS = ("input_ids", "loss_mask", "features", "anchors", "anchor_valid")
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_HEAP_KEEP_BYTES = 1 << 30
-
-
-def tune_malloc() -> bool:
-    """Make glibc malloc reuse record-sized buffers instead of faulting in fresh pages for each.
-
-    Reading one record allocates several record-sized buffers (Riegeli's chunk, the record
-    string, Python's bytes; TensorStore's read buffer). By default glibc mmaps each buffer over
-    32 MiB afresh, serves reader threads from per-thread arenas whose heaps are capped at 64 MiB
-    (so 30-88 MB buffers keep landing in new mappings), and unmaps freed memory: the kernel then
-    zero-fills every page on first touch (page faults cost as much as the copies; measured in
-    docs/BENCHMARKS.md section 2: 0.25-1.3 M faults and 0.8-2.5 extra CPU s per GB). Here: one arena
-    (the main, brk heap), no per-allocation mmap, and up to 1 GiB of freed heap kept mapped.
-    Process-wide; the arena limit only holds for threads that allocate after it, so it is
-    applied when this module is imported (before JAX or Grain start their threads).
-    Costs: resident memory stays at its peak (up to 1 GiB of free heap), and every thread
-    shares one malloc lock. DFLASH_LOADER_MALLOC=0 leaves malloc alone. Returns whether the
-    settings were applied (False off glibc)."""
-    if os.environ.get("DFLASH_LOADER_MALLOC", "1") == "0":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _HEAP_KEEP_BYTES))
-    return all([mallopt(p, v) == 1 for p, v in settings])  # a list: apply every one
-
-
-MALLOC_TUNED = tune_malloc()
 
 
 def open_training_cache(data_dir: str | Path):
