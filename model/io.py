@@ -17,6 +17,11 @@ from model.draft import param_shapes
 from pipeline.errors import UserError
 
 MSGPACK_FORMAT = "dflash-tpu-draft/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, not JSON, not msgpack): a user problem,
+    printed as one line by the CLIs. Its own type because model/ sits below pipeline.errors."""
 _SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
@@ -96,17 +101,30 @@ def save_draft(path, config: DraftConfig, params: dict, dtype=None) -> Path:
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
+    from safetensors import SafetensorError
+
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({_first_line(e)})") from None
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")
     tensors = {}
     for name in files:
-        tensors.update(load_file(str(path / name)))
+        try:
+            tensors.update(load_file(str(path / name)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path / name}: not a readable safetensors file (truncated or "
+                                  f"corrupt: {_first_line(e)})") from None
     return tensors
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def load_config(path) -> DraftConfig:
@@ -150,9 +168,20 @@ def load_msgpack(path, config: DraftConfig | None = None) -> tuple[DraftConfig, 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such msgpack file")
-    state = serialization.msgpack_restore(path.read_bytes())
+    from msgpack.exceptions import UnpackException
+
+    try:  # a truncated file fails mid-parse, or in flax's ndarray hook on a cut-off payload
+        state = serialization.msgpack_restore(path.read_bytes())
+    except (ValueError, TypeError, UnpackException) as e:
+        raise CheckpointError(f"{path}: not a readable msgpack file (truncated or corrupt: "
+                              f"{_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: msgpack holds a {type(state).__name__}, not a params dict")
     if state.get("format") == MSGPACK_FORMAT:
-        stored = DraftConfig.from_hf_dict(json.loads(state["config"]))
+        try:
+            stored = DraftConfig.from_hf_dict(json.loads(state["config"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: stored draft config unreadable ({_first_line(e)})") from None
         if config is not None and config != stored:
             raise UserError(f"{path}: stored config differs from the one given")
         config, tree = stored, state["params"]

@@ -16,8 +16,9 @@ from pipeline.errors import UserError
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-def validate_messages(messages, where: str) -> list[dict]:
-    """Check a conversation's shape: a list of {role: str, content: str} with an assistant turn."""
+def validate_messages(messages, where: str, require_assistant: bool = True) -> list[dict]:
+    """Check a conversation's shape: a list of {role: str, content: str}, with an assistant turn
+    unless require_assistant is False (a prompt to continue, not a training example)."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
@@ -25,7 +26,7 @@ def validate_messages(messages, where: str) -> list[dict]:
             raise UserError(f"{where}: message {i} has no string 'role'")
         if not isinstance(m.get("content"), str):
             raise UserError(f"{where}: message {i} ({m['role']}) has no string 'content'")
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: conversation has no assistant turn (nothing to learn from)")
     return messages
 

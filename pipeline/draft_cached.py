@@ -51,9 +51,17 @@ def load_export(path) -> tuple[DraftShape, dict]:
     path = Path(path)
     if not (path / "config.json").exists():
         raise UserError(f"{path}: not a draft export (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/config.json: not JSON ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("dflash_config", {}), dict):
+        raise UserError(f"{path}/config.json: expected a JSON object with a dflash_config object")
     dcfg = raw.get("dflash_config", {})
-    cfg = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("architectures", "dflash_config")})
+    try:
+        cfg = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("architectures", "dflash_config")})
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}/config.json: not a usable draft config ({e})") from None
 
     def value(name, default=None):
         return dcfg.get(name, raw.get(name, default))
@@ -67,7 +75,26 @@ def load_export(path) -> tuple[DraftShape, dict]:
     if target_ids is None:
         raise UserError(f"{path}/config.json: no dflash_config.target_layer_ids")
     softcap = value("final_logit_softcapping")
-    shape = DraftShape(
+    try:
+        shape = _shape(n, cfg, causal, window, value, target_ids, softcap)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}/config.json: not a usable draft config ({e})") from None
+    w = read_safetensors(path)
+    # fc maps the K concatenated target features to the draft width: its shape is what the
+    # weights were trained for, so a config.json edited to another width or K is caught here
+    want = (shape.hidden, len(shape.target_layer_ids) * shape.hidden)
+    got = tuple(w["fc.weight"].shape) if "fc.weight" in w else None
+    if got != want:
+        raise UserError(f"{path}: fc.weight is {got}, but config.json (hidden_size {shape.hidden}, "
+                        f"{len(shape.target_layer_ids)} target layers) needs {want}")
+    try:
+        return shape, _params(w, cfg, n)
+    except KeyError as e:
+        raise UserError(f"{path}: weights lack {e} (config.json does not match them)") from None
+
+
+def _shape(n, cfg, causal, window, value, target_ids, softcap) -> DraftShape:
+    return DraftShape(
         num_layers=n, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
         kv_heads=cfg.num_key_value_heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
@@ -77,7 +104,9 @@ def load_export(path) -> tuple[DraftShape, dict]:
         output_multiplier=float(value("output_multiplier", 1.0) or 1.0),
         softcap=float(softcap) if softcap else 0.0,
         input_embedding_scale=float(value("input_embedding_scale", 1.0) or 1.0))
-    w = read_safetensors(path)
+
+
+def _params(w, cfg, n) -> dict:
     inv, scale = rope.rope_params(cfg)
     p = {"fc": w["fc.weight"], "hidden_norm": w["hidden_norm.weight"], "norm": w["norm.weight"],
          "inv_freq": jnp.asarray(inv), "rope_scale": jnp.float32(scale), "layers": []}
@@ -90,7 +119,7 @@ def load_export(path) -> tuple[DraftShape, dict]:
                    ln1=w[pre + "input_layernorm.weight"], ln2=w[pre + "post_attention_layernorm.weight"],
                    gate=w[m + "gate_proj.weight"], up=w[m + "up_proj.weight"], down=w[m + "down_proj.weight"])
         p["layers"].append(lay)
-    return shape, p
+    return p
 
 
 def _lin(x, w, b):

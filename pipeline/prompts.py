@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.chat import validate_messages
 from pipeline.errors import UserError
 
 HUMANEVAL_LIKE = (
@@ -52,16 +53,31 @@ def _encode(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def load_prompts(source: str, tokenizer, *, limit: int | None = None) -> list[list[int]]:
-    """Token-id prompts from `builtin` or a jsonl file (see module doc)."""
+def _token_ids(value, where: str) -> list[int]:
+    # bool is an int subclass and int(1.7) == 1: both would be silent corruption of the prompt
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                              for t in value):
+        raise UserError(f"{where}: `input_ids` must be a list of integer token ids")
+    return list(value)
+
+
+def load_prompts(source: str, tokenizer, *, limit: int | None = None,
+                 vocab_size: int | None = None) -> list[list[int]]:
+    """Token-id prompts from `builtin` or a jsonl file (see module doc). With vocab_size, every
+    id must be < vocab_size (an embedding lookup in JAX clamps out-of-range ids silently)."""
     if source == "builtin":
         out = [_encode(tokenizer, t) for t in builtin_texts()]
+        where = ["builtin"] * len(out)
     else:
         path = Path(source)
         if not path.is_file():
             raise UserError(f"prompts file not found: {source} (give a .jsonl file or 'builtin')")
-        out = []
-        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        out, where = [], []
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON lines") from None
+        for no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -71,12 +87,12 @@ def load_prompts(source: str, tokenizer, *, limit: int | None = None) -> list[li
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{no}: expected an object with prompt/messages/input_ids")
             if "input_ids" in row:
-                ids = [int(t) for t in row["input_ids"]]
+                ids = _token_ids(row["input_ids"], f"{path}:{no}")
             elif "messages" in row:
+                msgs = validate_messages(row["messages"], f"{path}:{no}", require_assistant=False)
                 if tokenizer is None or not getattr(tokenizer, "chat_template", None):
                     raise UserError(f"{path}:{no}: chat messages need a tokenizer with a chat template")
-                text = tokenizer.apply_chat_template(row["messages"], tokenize=False,
-                                                     add_generation_prompt=True)
+                text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
                 ids = _encode(tokenizer, text)
             elif "prompt" in row:
                 ids = _encode(tokenizer, str(row["prompt"]))
@@ -85,6 +101,12 @@ def load_prompts(source: str, tokenizer, *, limit: int | None = None) -> list[li
             if not ids:
                 raise UserError(f"{path}:{no}: empty prompt")
             out.append(ids)
+            where.append(f"{path}:{no}")
     if not out:
         raise UserError(f"no prompts in {source}")
+    for ids, at in zip(out, where):
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise UserError(f"{at}: token ids {bad[:5]} outside the teacher's vocabulary "
+                            f"(0..{'?' if vocab_size is None else vocab_size - 1})")
     return out[:limit] if limit else out

@@ -58,6 +58,29 @@ def build_draft(export: str, embedding, lm_head, naive: bool):
     return CachedDraft(export, embedding, lm_head)
 
 
+def check_fits(path, shape, teacher) -> None:
+    """Refuse a draft built for another teacher. The draft reads the teacher's features, embedding
+    and LM head, so any mismatch would still decode "losslessly" (the teacher verifies every
+    token) while measuring nothing; jnp indexing would also silently clamp bad layer/token ids."""
+    from model.io import load_config
+
+    d = load_config(path)
+    layers, ids = int(teacher.num_hidden_layers), shape.target_layer_ids
+    problems = [f"{name} {mine} but the teacher's is {theirs}" for name, mine, theirs in (
+        ("hidden_size", d.hidden_size, teacher.hidden_size),
+        ("vocab_size", d.vocab_size, teacher.vocab_size),
+        ("num_target_layers", d.num_target_layers, layers)) if mine != theirs]
+    if any(not 0 <= i < layers for i in ids):
+        problems.append(f"target_layer_ids {list(ids)} outside the teacher's layers 0..{layers - 1}")
+    if len(set(ids)) != len(ids):
+        problems.append(f"target_layer_ids {list(ids)} repeat a layer")
+    if not 0 <= shape.mask_token_id < teacher.vocab_size:
+        problems.append(f"mask_token_id {shape.mask_token_id} outside the teacher's vocabulary "
+                        f"(0..{teacher.vocab_size - 1})")
+    if problems:
+        raise UserError(f"draft {path} does not fit the teacher: " + "; ".join(problems))
+
+
 def summarize(gens: list, block_size: int) -> dict:
     """tau, histogram of accepted lengths, per-slot acceptance, forwards/token, tokens/s."""
     lengths = [x for g in gens for x in g.accept_lengths]
@@ -84,29 +107,31 @@ def run(cfg: SpecConfig, log=print) -> dict:
     if cfg.temperature < 0:
         raise UserError("--temperature must be >= 0")
     from pipeline.models import resolve_model
+    from pipeline.target_cached import load_hf_config
 
     model_dir = Path(resolve_model(cfg.model))
+    teacher = load_hf_config(model_dir)
     shape, _ = load_export(cfg.draft)
     block = cfg.block_size or shape.block_size
     if block < 1:
         raise UserError("--block-size must be >= 1")
-    target, embedding, lm_head = build_target(model_dir, shape.target_layer_ids, cfg.naive)
     drafts = [(cfg.label, cfg.draft)] + list(cfg.extra_drafts)
     if len({d[0] for d in drafts} | {"ngram"}) != len(drafts) + 1:
         raise UserError("draft labels must be distinct and not 'ngram'")
-    proposers = {}
-    for label, path in drafts:
+    for _, path in drafts:  # every input is checked before the (slow) teacher load
         other, _ = load_export(path)
+        check_fits(path, other, teacher)
         if other.target_layer_ids != shape.target_layer_ids:
             raise UserError(f"draft {path} reads target layers {other.target_layer_ids}, "
                             f"but {cfg.draft} reads {shape.target_layer_ids}")
-        proposers[label] = sp.DFlashProposer(build_draft(path, embedding, lm_head, cfg.naive), block,
-                                             shape.mask_token_id)
-    if cfg.ngram:
-        proposers["ngram"] = sp.NgramProposer()
     has_tok = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = load_tokenizer(model_dir) if has_tok else None  # id-only jsonl prompts need none
-    prompts = load_prompts(cfg.prompts, tok, limit=cfg.limit)
+    prompts = load_prompts(cfg.prompts, tok, limit=cfg.limit, vocab_size=teacher.vocab_size)
+    target, embedding, lm_head = build_target(model_dir, shape.target_layer_ids, cfg.naive)
+    proposers = {label: sp.DFlashProposer(build_draft(path, embedding, lm_head, cfg.naive), block,
+                                          shape.mask_token_id) for label, path in drafts}
+    if cfg.ngram:
+        proposers["ngram"] = sp.NgramProposer()
     stop = (tok.eos_token_id,) if cfg.stop_at_eos and tok is not None and tok.eos_token_id is not None else ()
     from pipeline.target_cached import bucket
 

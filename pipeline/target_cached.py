@@ -47,25 +47,45 @@ def read_safetensors(path: Path) -> dict:
     """All tensors of a snapshot dir (single file or sharded) as float32 jax arrays."""
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise UserError(f"no *.safetensors in {path}")
     out = {}
     for f in files:
-        with safe_open(str(f), framework="flax") as fh:
-            for k in fh.keys():
-                out[k] = jnp.asarray(fh.get_tensor(k), jnp.float32)
+        # a truncated or overwritten file fails in the header parse or the tensor read; either
+        # way it is the user's file, not our bug: name it in one line
+        try:
+            with safe_open(str(f), framework="flax") as fh:
+                for k in fh.keys():
+                    out[k] = jnp.asarray(fh.get_tensor(k), jnp.float32)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f}: not a readable safetensors file (truncated or corrupt: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return out
+
+
+def load_hf_config(path):
+    """The snapshot's HF config; a missing, non-JSON or unknown config.json is a UserError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}/config.json: not a usable model config ({msg})") from None
 
 
 def load_target(path, feature_layers) -> tuple[TargetShape, dict, object]:
     """(shape, params, hf_config) from a GPT-OSS HF snapshot directory."""
-    from transformers import AutoConfig
-
     path = Path(path)
-    cfg = AutoConfig.from_pretrained(str(path))
+    cfg = load_hf_config(path)
     if getattr(cfg, "model_type", None) != "gpt_oss":
         raise UserError(f"{path}: cached target supports gpt_oss, got {cfg.model_type!r}")
+    bad = [i for i in feature_layers if not 0 <= int(i) < cfg.num_hidden_layers]
+    if bad:
+        raise UserError(f"feature layers {bad} outside the teacher's {cfg.num_hidden_layers} layers")
     w = read_safetensors(path)
     if any(k.endswith("_blocks") for k in w):
         raise UserError(f"{path}: MXFP4-quantized experts are not supported by the cached target; "

@@ -49,8 +49,10 @@ def save_json(path: Path, obj) -> None:
 
 
 def make_draft(out: Path, *, seed: int = 1, layers: int = 2, block_size: int = 4,
-               target_layer_ids=(0, 1, 2), sliding: bool = True, std: float = 0.08) -> Path:
-    """An untrained draft in the z-lab format, written by the reference DFlashDraftModel itself."""
+               target_layer_ids=(0, 1, 2), sliding: bool = True, std: float = 0.08,
+               hidden: int = 64, num_target_layers: int = 4) -> Path:
+    """An untrained draft in the z-lab format, written by the reference DFlashDraftModel itself.
+    hidden / num_target_layers other than make_target's build a draft for another teacher."""
     import torch
     from dflash.model import DFlashDraftModel
     from transformers import Qwen3Config
@@ -61,14 +63,14 @@ def make_draft(out: Path, *, seed: int = 1, layers: int = 2, block_size: int = 4
     torch.manual_seed(seed)
     types = ["sliding_attention" if (sliding and i % 2 == 1) else "full_attention" for i in range(layers)]
     cfg = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
         max_position_embeddings=256, layer_types=types, sliding_window=5,
         use_sliding_window=sliding, initializer_range=std,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 64, "beta_fast": 32.0,
                          "beta_slow": 1.0, "truncate": False},
-        num_target_layers=4, architectures=["DFlashDraftModel"],
+        num_target_layers=num_target_layers, architectures=["DFlashDraftModel"],
         dflash_config={"block_size": block_size, "mask_token_id": MASK_ID,
                        "target_layer_ids": list(target_layer_ids)})
     model = DFlashDraftModel(cfg).eval().float()
@@ -78,6 +80,23 @@ def make_draft(out: Path, *, seed: int = 1, layers: int = 2, block_size: int = 4
                 p.normal_(0.0, std)
     model.save_pretrained(str(out))
     return out
+
+
+def make_tokenizer():
+    """A real (fast) HF tokenizer with a chat template, built in memory: one token per character
+    of a small alphabet. For prompt loading, where the tiny teacher's tokenizer would mean a
+    teacher build."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz :<>|/_"))
+    vocab = {c: i for i, c in enumerate(chars)} | {"<unk>": len(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return fast
 
 
 def greedy_sequences(target_dir: Path, layer_ids, n: int = 4, new: int = 32, seed: int = 5):

@@ -19,14 +19,23 @@ import time
 from pathlib import Path
 
 
-def _run(args, log):
+class StepFailed(Exception):
+    """A demo step's CLI exited non-zero; the demo stops there (later steps would read its output)."""
+
+
+def _run(step: str, args, log) -> str:
+    """Run `python -m ARGS` as the demo step `step`; its stdout, or StepFailed on any non-zero exit
+    (exit 1 too: spec_decode's "not lossless" is a failure of the demo, not a result to print)."""
     log("$ " + " ".join(args))
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", *args], text=True, stdout=subprocess.PIPE)
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"demo: step failed ({proc.returncode}): {' '.join(args)}")
+    if proc.returncode != 0:
+        if proc.stdout:
+            print(proc.stdout, end="" if proc.stdout.endswith("\n") else "\n")
+        raise StepFailed(f"demo step '{step}' failed with exit code {proc.returncode}: "
+                         f"python -m {' '.join(args)}")
     log(f"  ({time.monotonic() - t0:.0f} s)")
-    return proc.stdout, proc.returncode
+    return proc.stdout
 
 
 def regenerate(teacher: Path, out: Path, n: int, new_tokens: int, log) -> Path:
@@ -70,6 +79,14 @@ def make_untrained(export: Path, out: Path, seed: int = 1) -> Path:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except StepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/dev/shm/dflash/demo", help="demo directory")
     ap.add_argument("--max-seqs", type=int, default=96, help="sequences to dump")
@@ -93,22 +110,25 @@ def main(argv=None) -> int:
     log(f"  {teacher}")
     log("[2/4] regenerate training text with the teacher, dump its features")
     data = regenerate(teacher, out / "regenerated.jsonl", a.max_seqs, a.seq_len, log)
-    _run(["pipeline.teacher_dump", "--model", str(teacher), "--data", str(data),
+    _run("teacher dump",
+         ["pipeline.teacher_dump", "--model", str(teacher), "--data", str(data),
           "--out", str(out / "cache"), "--shards", "4",
           "--seq-len", str(a.seq_len), "--max-seqs", str(a.max_seqs), "--dtype", "float32",
           "--block-size", str(a.block_size), "--no-progress"], log)
     log("[3/4] train the draft")
-    _run(["train.main", "--data", str(out / "cache"), "--out", str(out / "run"), "--steps", str(a.steps),
+    _run("train the draft",
+         ["train.main", "--data", str(out / "cache"), "--out", str(out / "run"), "--steps", str(a.steps),
           "--batch-size", "4", "--block-size", str(a.block_size), "--draft-layers", str(a.draft_layers),
           "--anchors-per-seq", "32", "--lr", str(a.lr), "--compute-dtype", "float32", "--save-every", str(a.steps),
           "--mesh", "data=1,fsdp=1,tensor=1", "--no-progress"], log)
     export = out / "run" / "export"
     untrained = make_untrained(export, out / "untrained")
     log("[4/4] speculative decoding: trained vs untrained vs n-gram")
-    stdout, rc = _run(["tools.spec_decode", "--draft", str(export), "--model", str(teacher),
-                       "--prompts", "builtin", "--limit", str(a.prompts),
-                       "--max-new-tokens", str(a.max_new_tokens),
-                       "--label", "trained", "--compare-draft", f"untrained={untrained}"], log)
+    stdout = _run("speculative decoding",
+                  ["tools.spec_decode", "--draft", str(export), "--model", str(teacher),
+                   "--prompts", "builtin", "--limit", str(a.prompts),
+                   "--max-new-tokens", str(a.max_new_tokens),
+                   "--label", "trained", "--compare-draft", f"untrained={untrained}"], log)
     lines = stdout.strip().splitlines()
     report = json.loads(lines[-1])
     print("\n".join(lines[:-1]))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from model.config import DraftConfig
-from model.io import load_config, load_draft, load_msgpack, save_draft
+from model.io import CheckpointError, load_config, load_draft, load_msgpack, save_draft
 from pipeline.errors import UserError
 
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         path = export(args.src, args.out, args.config, args.dtype)
-    except (UserError, OSError) as e:  # OSError: e.g. OUT is an existing file, disk full
+    except (UserError, CheckpointError, OSError) as e:  # OSError: e.g. OUT is an existing file, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -49,11 +49,13 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
+    from model.io import CheckpointError
+
     try:
         cfg = parse(argv)
         from pipeline.spec_decode import format_table, json_line, run
         report = run(cfg, log=lambda m: print(m, file=sys.stderr))
-    except UserError as e:
+    except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(report))
