@@ -1,0 +1,145 @@
+"""The `DFlashDraft` Linen module: its KV-cached decode form against its inference form (itself
+checked against the reference in test_model_parity.py) and against the harness's current cached
+draft (pipeline/draft_cached.py, an independent implementation, while it exists); its variables
+against the msgpack and z-lab trees that io.py reads and writes.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+import model
+from model import DFlashDraft, DraftConfig
+
+TOL = 1e-5  # float32, same math in another order (no reduced precision anywhere)
+CAP = 48  # cache capacity; positions past ctx_len hold garbage that must never be read
+
+# Mixed layers: a causal windowed layer (window 5 < context) and a bidirectional full layer,
+# biases, YaRN, a logit multiplier and softcap, a non-unit embedding scale.
+CONFIG = DraftConfig.tiny(
+    attention_bias=True, layer_types=("sliding_attention", "full_attention"), sliding_window=5,
+    rope_scaling=(("factor", 4.0), ("original_max_position_embeddings", 32), ("rope_type", "yarn")),
+    logits_scaling=0.5, final_logit_softcapping=3.0, input_embedding_scale=1.5)
+
+
+def _random_params(config, seed=0):
+    """Initial params moved off their init values (norm scales 1, biases 0) so each one counts."""
+    params = model.init_draft_params(config, jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    leaves = [x + jnp.asarray(0.08 * rng.normal(size=x.shape), x.dtype) for x in leaves]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _decode(config, params, feats, steps, blocks):
+    """Harness-style decode: append feats in chunks of `steps` (each padded with garbage rows to
+    a multiple of 8, as the harness pads to buckets), propose a block after each append.
+    blocks: per append, (tokens [b, B], n_valid). Returns per append (ctx_len, logits)."""
+    module, variables = DFlashDraft(config), model.as_variables(params)
+    append = jax.jit(lambda c, f, s: module.apply(variables, c, f, s, method="append_context"))
+    propose = jax.jit(lambda c, t, n, v: module.apply(variables, c, EMB, LM_HEAD, t, n, v,
+                                                      method="propose_logits"))
+    cache = model.empty_cache(config, feats.shape[0], CAP)
+    cache = jax.tree.map(lambda x: x + 7.0, cache)  # garbage beyond ctx_len must not matter
+    rng = np.random.default_rng(3)
+    out, ctx_len = [], 0
+    for n, (tokens, n_valid) in zip(steps, blocks):
+        pad = -(-n // 8) * 8
+        chunk = rng.normal(size=(feats.shape[0], pad, feats.shape[2])).astype(np.float32)
+        chunk[:, :n] = feats[:, ctx_len:ctx_len + n]
+        cache = append(cache, jnp.asarray(chunk), jnp.int32(ctx_len))
+        ctx_len += n
+        out.append((ctx_len, cache, propose(cache, jnp.asarray(tokens), jnp.int32(ctx_len),
+                                            jnp.int32(n_valid))))
+    return out
+
+
+RNG = np.random.default_rng(11)
+EMB = jnp.asarray(RNG.normal(size=(CONFIG.vocab_size, CONFIG.hidden_size)), jnp.float32)
+LM_HEAD = jnp.asarray(RNG.normal(size=(CONFIG.vocab_size, CONFIG.hidden_size)), jnp.float32)
+FEATS = RNG.normal(size=(2, 30, CONFIG.num_features * CONFIG.hidden_size)).astype(np.float32)
+STEPS = (13, 1, 8, 3)  # a prefill, then accepted-token steps (1..B)
+N_VALID = (8, 8, 3, 1)  # full blocks, then shorter tail blocks (padding rows past n_valid)
+TOKENS = [RNG.integers(0, CONFIG.vocab_size, size=(2, CONFIG.block_size)) for _ in STEPS]
+
+
+def test_cached_decode_equals_inference_form():
+    """Every decode step (padded appends, tail blocks) == the inference form on the whole
+    context [0, ctx_len) and the first n_valid block tokens, rows < n_valid."""
+    params = _random_params(CONFIG)
+    infer = jax.jit(model.draft_hidden, static_argnums=0)
+    got = _decode(CONFIG, params, FEATS, STEPS, list(zip(TOKENS, N_VALID)))
+    for (ctx_len, _, logits), tokens, n_valid in zip(got, TOKENS, N_VALID):
+        noise = model.embed_block(CONFIG, EMB, jnp.asarray(tokens[:, :n_valid]))
+        pos = jnp.broadcast_to(jnp.arange(ctx_len + n_valid), (2, ctx_len + n_valid))
+        hidden = infer(CONFIG, params, jnp.asarray(FEATS[:, :ctx_len]), noise, pos)
+        want = np.asarray(model.draft_logits(CONFIG, hidden, LM_HEAD))
+        assert logits.shape == (2, CONFIG.block_size, CONFIG.vocab_size)
+        err = np.abs(np.asarray(logits)[:, :n_valid] - want).max()
+        assert err <= TOL, (ctx_len, n_valid, err)
+
+
+def test_cached_decode_equals_harness_cached_draft(tmp_path):
+    """Same decode through pipeline/draft_cached.py (its own loader, norms, RoPE, masks) on the
+    checkpoint the module's params save to: same cache contents, same logits. Goes with
+    draft_cached.py when the harness is wired onto the module. Window 9 > B here: with a window
+    under B a padded row of a tail block can see no key, and draft_cached's -inf mask turns it
+    into NaN that leaks into the valid rows (the module's finite mask does not; the test above
+    covers window 5)."""
+    from pipeline import draft_cached
+
+    config = dataclasses.replace(CONFIG, sliding_window=9)
+    params = _random_params(config, seed=1)
+    model.save_draft(tmp_path, config, params)
+    shape, oracle = draft_cached.load_export(tmp_path)
+    got = _decode(config, params, FEATS[:1], STEPS, [(t[:1], n) for t, n in zip(TOKENS, N_VALID)])
+    cache = tuple(jnp.zeros((config.num_hidden_layers, CAP, config.num_key_value_heads,
+                             config.head_dim), jnp.float32) for _ in range(2))
+    ctx_len = 0
+    for n, tokens, n_valid, (want_len, module_cache, logits) in zip(STEPS, TOKENS, N_VALID, got):
+        rows = jnp.asarray(FEATS[0, ctx_len:ctx_len + n])
+        cache = draft_cached.append_context(shape, oracle, cache, rows, jnp.int32(ctx_len))
+        ctx_len += n
+        assert ctx_len == want_len
+        for ours, theirs in zip(module_cache, cache):
+            diff = np.asarray(ours)[:, 0, :ctx_len] - np.asarray(theirs)[:, :ctx_len]
+            assert np.abs(diff).max() <= TOL
+        want = draft_cached.propose_logits(shape, oracle, cache, EMB, LM_HEAD,
+                                           jnp.asarray(tokens[0]), jnp.int32(ctx_len),
+                                           jnp.int32(n_valid))
+        err = np.abs(np.asarray(logits)[0, :n_valid] - np.asarray(want)[:n_valid]).max()
+        assert err <= TOL, (ctx_len, n_valid, err)
+
+
+def test_module_init_and_variables_match_the_list_form_and_checkpoints(tmp_path):
+    """DFlashDraft.init gives the tree of init_draft_params (names, shapes, logical axes); the
+    msgpack's params and the z-lab tensor names are the module's variables, unconverted."""
+    config = DraftConfig.tiny(attention_bias=True)
+    feats, noise = jnp.ones((1, 3, 3 * 64)), jnp.ones((1, 8, 64))
+    pos = jnp.arange(11)[None]
+    boxed = DFlashDraft(config).init(jax.random.key(0), feats, noise, pos)
+    listed = model.init_draft_params(config, jax.random.key(0))
+    assert jax.tree.structure(model.from_variables(nn.meta.unbox(boxed))) == \
+        jax.tree.structure(listed)
+    assert jax.tree.map(jnp.shape, model.from_variables(nn.meta.unbox(boxed))) == \
+        jax.tree.map(jnp.shape, listed)
+    assert model.from_variables(nn.get_partition_spec(boxed)) == model.param_logical_axes(config)
+    round_trip = model.from_variables(model.as_variables(listed))
+    assert jax.tree.structure(round_trip) == jax.tree.structure(listed)
+    assert all(a is b for a, b in zip(jax.tree.leaves(round_trip), jax.tree.leaves(listed)))
+
+    params = _random_params(config, seed=2)
+    model.save_msgpack(tmp_path / "draft_params.msgpack", config, params)
+    state = serialization.msgpack_restore((tmp_path / "draft_params.msgpack").read_bytes())
+    got = DFlashDraft(config).apply({"params": state["params"]}, feats, noise, pos)
+    want = model.draft_hidden(config, params, feats, noise, pos)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+
+    module_paths = {".".join(str(getattr(k, "key", k)) for k in path) for path, _ in
+                    jax.tree_util.tree_flatten_with_path(model.as_variables(params)["params"])[0]}
+    suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+    zlab = {p.rsplit(".", 1)[0] + "." + suffix[p.rsplit(".", 1)[1]] for p in module_paths}
+    assert zlab == set(model.io.to_hf_state_dict(config, params))
