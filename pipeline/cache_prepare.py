@@ -1,9 +1,10 @@
 """Start, resume or recognise as finished a cache in a directory, before any record is written.
 
 `prepare_cache(dir, manifest, overwrite)` returns a `Prepared`: either `complete` (a finished
-cache with the same settings: nothing to do) or a `writer` positioned at the first uncommitted
-sequence. Settings that differ from the existing cache's are refused (--overwrite starts over);
-committed parts that fail verification are reported, never silently reused.
+cache with the same settings: nothing to do, once `cache_verify.check_complete` passes) or a
+`writer` positioned at the first uncommitted sequence. Settings that differ from the existing
+cache's are refused (--overwrite starts over); committed parts that fail verification are
+reported, never silently reused.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
                 f"{directory} holds a cache made with other settings ({_differences(old, manifest)})"
                 "; rerun with --overwrite to start over, or choose another --out")
         ledger = Ledger.load(directory) or Ledger(key)
-        if old.complete:
+        if old.complete:  # the dump verifies it before calling it complete (cache_verify.py)
             return Prepared(old, None, old.num_records)
     else:
         stray = sorted(part_store(directory, manifest).names())

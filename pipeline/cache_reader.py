@@ -105,24 +105,52 @@ class CacheReader:
         """`path[0:n]` strings: ArrayRecordDataSource then opens no file to count records."""
         return [f"{self.directory / p.file}[0:{p.records}]" for p in self.parts]
 
-    def read_bytes(self, index: int) -> bytes:
+    def locate(self, index: int) -> tuple[int, int]:
+        """Sequence index -> (part number k in `parts`, record within the part)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"record {index} out of range for a cache of {len(self)}")
         index %= len(self)
         k = bisect.bisect_right(self._starts, index) - 1
-        return self._reader(k).read([index - self._starts[k]])[0]
+        return k, index - self._starts[k]
+
+    def read_error(self, index: int, error: BaseException) -> CacheError:
+        """The one-line error for a record whose read failed (Riegeli checks the hash of the
+        chunk holding each record, so a changed byte fails the read) or has the wrong size."""
+        k, j = self.locate(index)
+        why = " ".join(str(error).split())
+        if len(why) > 200:
+            why = why[:200] + "..."
+        return CacheError(
+            f"{self.directory / self.parts[k].file} record {j} (cache record {index % len(self)})"
+            f" is corrupted ({why}); nothing was trained on it. Check the whole cache with "
+            f"`python -m pipeline.cache_verify {self.directory}` and re-dump the bad parts")
+
+    def read_bytes(self, index: int) -> bytes:
+        k, j = self.locate(index)
+        try:
+            buf = self._reader(k).read([j])[0]
+        except (RuntimeError, ValueError, OSError) as e:
+            raise self.read_error(index, e) from None
+        if len(buf) != self.manifest.record_nbytes:
+            raise self.read_error(index, ValueError(f"{len(buf)} bytes, expected "
+                                                    f"{self.manifest.record_nbytes}"))
+        return buf
 
     def __getitem__(self, index: int) -> dict:
         return decode_record(self.read_bytes(int(index)), self.manifest)
 
     def __iter__(self) -> Iterator[dict]:
-        for part in self.parts:
+        for k, part in enumerate(self.parts):
             reader = _open_reader(self.directory / part.file, _RANDOM_OPTIONS)
             try:
-                for _ in range(part.records):
-                    yield decode_record(reader.read(), self.manifest)
+                for j in range(part.records):
+                    try:
+                        rec = decode_record(reader.read(), self.manifest)
+                    except (RuntimeError, ValueError, OSError) as e:
+                        raise self.read_error(self._starts[k] + j, e) from None
+                    yield rec
             finally:
-                reader.close()
+                _close_quietly(reader)
 
     def verify(self) -> int:
         """Check every part's size, record count and CRC32; returns the records checked."""

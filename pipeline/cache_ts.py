@@ -9,6 +9,8 @@ manifest, e.g. gs://bucket/cache/), holding a jagged, token-major layout:
     input_ids/  zarr3 int32    [tokens]
     loss_mask/  zarr3 uint8    [tokens]
     offsets/    zarr3 int64    [records + 1]   sequence r is tokens offsets[r]:offsets[r+1]
+    checksums/  zarr3 uint64   [records, 2]    xxh3_64 of sequence r's features bytes, and of
+                                               its input_ids (int32 LE) then loss_mask bytes
 
 Chunks are plain (`PLAIN_CODECS`: uncompressed, unsharded), so a sequence's features are one
 byte range of one chunk file, which the trainer reads straight into its batch (`plain_chunk_files`;
@@ -16,6 +18,10 @@ parts written before this, TensorStore sharded into [1024, 960] inner chunks, re
 A part is written chunk by chunk (the writer buffers one chunk), resized to what it holds and
 closed before the ledger names it; its committed size and CRC32 cover every key and value under
 its prefix, so verification and resume treat it exactly as an ArrayRecord file.
+Every read checks the record's `checksums` row before the bytes are handed out (features hashed
+block by block as they are preadv'd, while still in cache); a mismatch raises CacheError naming
+the part and the record. Parts written before the checksums existed are verified whole (size and
+CRC32 of the part) the first time a reader opens them.
 No jax import: the trainer reads caches through this module.
 """
 from __future__ import annotations
@@ -31,6 +37,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from pipeline.cache_format import BF16, PartInfo, decode_record
 
@@ -38,6 +45,8 @@ TS_SUFFIX = ".ts"
 PART_RE = re.compile(r"^(shard-\d+-of-\d+\.part-\d+\.ts)/")
 CHUNK_TARGET_BYTES = 64 << 20  # one write (and one read of a whole chunk) per ~64 MiB
 ARRAYS = ("features", "input_ids", "loss_mask", "offsets")
+CHECKSUMS = "checksums"  # [records, 2] uint64: xxh3_64 of features, of input_ids + loss_mask
+_HASH_BLOCK = 1 << 20  # preadv and hash 1 MiB at a time: hashed while still in the CPU cache
 _MAX_OPEN_PARTS = 16
 _PREAD_THREADS = 2  # os.preadv's of plain chunk files in flight per reader (they drop the GIL)
 
@@ -127,11 +136,13 @@ class TSPartWriter:
                      "input_ids": np.empty(ct, np.int32), "loss_mask": np.empty(ct, np.uint8)}
         self.records = 0  # written to the buffer or flushed
         self._flushed = 0
+        self._sums: list[tuple[int, int]] = []  # per record: (features, tokens) xxh3_64
 
     def write(self, record: bytes, manifest) -> None:
         if self.records >= self.capacity:
             raise ValueError(f"part {self.url} is full ({self.capacity} records)")
         rec = decode_record(record, manifest)
+        self._sums.append(record_checksums(rec["features"], rec["input_ids"], rec["loss_mask"]))
         row = (self.records - self._flushed) * self.t
         for key in ("features", "input_ids", "loss_mask"):
             self._buf[key][row:row + self.t] = rec[key]
@@ -161,8 +172,26 @@ class TSPartWriter:
         off = ts.open(_spec(self.url + "offsets/", "int64", [self.records + 1],
                             [self.records + 1])).result()
         off.write(offsets).result()
+        n = max(self.records, 1)  # zarr needs a non-empty chunk shape
+        sums = ts.open(_spec(self.url + CHECKSUMS + "/", "uint64", [self.records, 2],
+                             [n, 2])).result()
+        sums.write(np.asarray(self._sums, np.uint64).reshape(self.records, 2)).result()
         self._arrays = {}
         return self.records
+
+
+def tokens_checksum(input_ids, loss_mask) -> int:
+    h = xxhash.xxh3_64()
+    h.update(np.ascontiguousarray(input_ids, "<i4"))
+    h.update(np.ascontiguousarray(loss_mask, np.uint8))
+    return h.intdigest()
+
+
+def record_checksums(features, input_ids, loss_mask) -> tuple[int, int]:
+    """(xxh3_64 of the features' bytes, of input_ids int32 LE + loss_mask bytes)."""
+    feats = np.ascontiguousarray(features, BF16).reshape(-1).view(np.uint8)
+    return (xxhash.xxh3_64_intdigest(feats),
+            tokens_checksum(input_ids, loss_mask))
 
 
 class TSCacheReader:
@@ -182,6 +211,7 @@ class TSCacheReader:
         self._open: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         self._pool = None  # read_features_into's os.preadv threads, started on first use
+        self._verified: set[int] = set()  # older parts (no checksums) verified whole
         self.pread_plain_chunks = True  # False: every read through TensorStore (to compare)
 
     def __len__(self) -> int:
@@ -194,6 +224,7 @@ class TSCacheReader:
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_open"], d["_lock"], d["_pool"] = collections.OrderedDict(), None, None
+        d["_verified"] = set()
         return d
 
     def __setstate__(self, d):
@@ -206,11 +237,13 @@ class TSCacheReader:
                 self._open.move_to_end(k)
                 return self._open[k]
         ts = _ts()
-        url = self.root + self.parts[k].file + "/"
+        part = self.parts[k]
+        url = self.root + part.file + "/"
         arrays = {a: ts.open({"driver": "zarr3", "kvstore": url + a + "/"}, open=True,
                              read=True).result() for a in ARRAYS}
         arrays["offsets"] = arrays["offsets"].read().result()
-        arrays["plain"] = (plain_chunk_files(self.root, self.parts[k].file, "features")
+        arrays["sums"] = self._checksums(k, url)
+        arrays["plain"] = (plain_chunk_files(self.root, part.file, "features")
                            if self.pread_plain_chunks else None)
         with self._lock:
             self._open[k] = arrays
@@ -218,8 +251,29 @@ class TSCacheReader:
                 self._open.popitem(last=False)
         return arrays
 
-    def _locate(self, index) -> tuple[dict, int, int]:
-        """Record index -> (its part's open arrays, first token, end token)."""
+    def _checksums(self, k: int, url: str):
+        """Part k's per-record checksums [records, 2]; None for a part written before them,
+        which is then verified whole (size, CRC32, record count) once per reader."""
+        from pipeline.cache_reader import CacheError
+        part = self.parts[k]
+        try:
+            sums = _ts().open({"driver": "zarr3", "kvstore": url + CHECKSUMS + "/"}, open=True,
+                              read=True).result()
+        except ValueError:  # NOT_FOUND: an older part
+            sums = None
+        if sums is None:
+            if k not in self._verified:
+                verify_part(open_kvstore(self.root), part, self.root)
+                self._verified.add(k)
+            return None
+        sums = sums.read().result()
+        if sums.shape != (part.records, 2):
+            raise CacheError(f"{self.root + part.file}: checksums of {sums.shape[0]} records, "
+                             f"the manifest committed {part.records} (corrupted part)")
+        return sums
+
+    def _locate(self, index) -> tuple[dict, int, int, int, int]:
+        """Record index -> (its part's open arrays, first token, end token, part, row)."""
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"record {index} out of range for a cache of {len(self)}")
@@ -227,26 +281,56 @@ class TSCacheReader:
         k = int(np.searchsorted(self._starts, index, side="right") - 1)
         arrays = self._part(k)
         j = index - int(self._starts[k])
-        return arrays, int(arrays["offsets"][j]), int(arrays["offsets"][j + 1])
+        return arrays, int(arrays["offsets"][j]), int(arrays["offsets"][j + 1]), k, j
+
+    def _bad(self, k: int, j: int, what: str):
+        from pipeline.cache_reader import CacheError
+        return CacheError(
+            f"{self.root + self.parts[k].file} record {j} (cache record "
+            f"{int(self._starts[k]) + j}) is corrupted: its {what} do not match the checksum "
+            f"written by the dump; nothing was trained on it. Check the whole cache with "
+            f"`python -m pipeline.cache_verify {self.directory}` and re-dump the bad parts")
+
+    def _check_tokens(self, arrays, k, j, ids, mask) -> None:
+        sums = arrays["sums"]
+        if sums is not None and (ids.shape != mask.shape or
+                                 tokens_checksum(ids, mask) != int(sums[j, 1])):
+            raise self._bad(k, j, "input_ids / loss_mask")
+
+    def _check_features(self, arrays, k, j, feats, digest=None) -> None:
+        sums = arrays["sums"]
+        if sums is None:
+            return
+        if digest is None:
+            digest = xxhash.xxh3_64_intdigest(
+                np.ascontiguousarray(feats).reshape(-1).view(np.uint8))
+        if digest != int(sums[j, 0]):
+            raise self._bad(k, j, "features")
 
     def __getitem__(self, index) -> dict:
-        arrays, lo, hi = self._locate(index)
+        arrays, lo, hi, k, j = self._locate(index)
         futures = {a: arrays[a][lo:hi].read() for a in ("input_ids", "loss_mask", "features")}
-        return {a: f.result() for a, f in futures.items()}
+        out = {a: f.result() for a, f in futures.items()}
+        self._check_tokens(arrays, k, j, out["input_ids"], out["loss_mask"])
+        self._check_features(arrays, k, j, out["features"])
+        return out
 
     def read_tokens(self, index) -> dict:
-        """Record `index` without its features: dict(input_ids, loss_mask)."""
-        arrays, lo, hi = self._locate(index)
+        """Record `index` without its features: dict(input_ids, loss_mask), checksum-checked."""
+        arrays, lo, hi, k, j = self._locate(index)
         futures = {a: arrays[a][lo:hi].read() for a in ("input_ids", "loss_mask")}
-        return {a: f.result() for a, f in futures.items()}
+        out = {a: f.result() for a, f in futures.items()}
+        self._check_tokens(arrays, k, j, out["input_ids"], out["loss_mask"])
+        return out
 
     def read_features_into(self, index, out: np.ndarray):
         """Start reading record `index`'s features [T, F] straight into `out` (a writable,
-        C-contiguous bf16 array, e.g. one row of a batch); returns a future (`.result()` waits).
+        C-contiguous bf16 array, e.g. one row of a batch); returns a future whose `.result()`
+        waits and raises CacheError if the bytes do not match the record's checksum.
         Plain chunk files on a local filesystem (`plain_chunk_files`: what TSPartWriter writes)
-        are os.preadv'd into `out`, one copy; anything else is read by TensorStore (its read
-        buffer, then `out`)."""
-        arrays, lo, hi = self._locate(index)
+        are os.preadv'd into `out`, one copy, hashed block by block as they land; anything else
+        is read by TensorStore (its read buffer, then `out`) and hashed after."""
+        arrays, lo, hi, k, j = self._locate(index)
         plain = arrays["plain"]
         if plain is not None and out.flags.c_contiguous and out.nbytes == (hi - lo) * plain[2]:
             directory, rows, row_bytes = plain
@@ -257,9 +341,15 @@ class TSCacheReader:
                         self._pool = concurrent.futures.ThreadPoolExecutor(
                             _PREAD_THREADS, thread_name_prefix="ts-pread")
                     pool = self._pool
-                return pool.submit(_pread_into, directory / "c" / str(c) / "0", out,
-                                   r * row_bytes)
-        return _ts().array(out, copy=False, write=True).write(arrays["features"][lo:hi])
+
+                def pread():
+                    digest = _pread_into(directory / "c" / str(c) / "0", out, r * row_bytes,
+                                         hashed=arrays["sums"] is not None)
+                    self._check_features(arrays, k, j, out, digest)
+                return pool.submit(pread)
+
+        future = _ts().array(out, copy=False, write=True).write(arrays["features"][lo:hi])
+        return _Checked(future, lambda: self._check_features(arrays, k, j, out))
 
     def __iter__(self):
         for i in range(len(self)):
@@ -283,6 +373,17 @@ class TSCacheReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Checked:
+    """A TensorStore read future whose `result()` also checks the bytes it delivered."""
+
+    def __init__(self, future, check):
+        self._future, self._check = future, check
+
+    def result(self):
+        self._future.result()
+        self._check()
 
 
 def plain_chunk_files(root: str, part: str, array: str):
@@ -318,24 +419,30 @@ def _is_positive_zero(value) -> bool:
             and math.copysign(1.0, value) > 0)
 
 
-def _pread_into(path: Path, out: np.ndarray, offset: int) -> None:
-    """Fill C-contiguous `out` with the file's bytes from `offset` (one copy, no buffer)."""
+def _pread_into(path: Path, out: np.ndarray, offset: int, hashed: bool = False):
+    """Fill C-contiguous `out` with the file's bytes from `offset` (one copy, no buffer);
+    with `hashed`, returns the xxh3_64 of those bytes, hashed block by block as they land."""
     view = out.reshape(-1).view(np.uint8)
+    h = xxhash.xxh3_64() if hashed else None
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:  # a chunk of fill values only: zarr stores no file
         view[:] = 0
-        return
+        return xxhash.xxh3_64_intdigest(view) if hashed else None
     try:
         done = 0
         while done < view.nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
+            block = view[done:done + _HASH_BLOCK] if h is not None else view[done:]
+            n = os.preadv(fd, [block], offset + done)
             if n <= 0:
                 from pipeline.cache_reader import CacheError
                 raise CacheError(f"{path} ends before byte {offset + view.nbytes} (truncated)")
+            if h is not None:
+                h.update(block[:n])
             done += n
     finally:
         os.close(fd)
+    return h.intdigest() if h is not None else None
 
 
 def verify_part(kv, part: PartInfo, root: str) -> None:

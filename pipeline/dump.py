@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.cache_format import BF16, CacheManifest
 from pipeline.cache_prepare import lock_cache, prepare_cache
+from pipeline.cache_verify import check_complete
 from pipeline.dump_sources import TeacherInfo, default_sequences, load_teacher, teacher_info
 from pipeline.dump_writer import WriterThread
 from pipeline.errors import UserError
@@ -90,10 +91,16 @@ def select_layers(config: DumpConfig, num_layers: int) -> tuple[int, ...]:
                             f"{num_layers} layers")
         return tuple(int(i) for i in build_target_layer_ids(num_layers, config.num_layers))
     ids = tuple(config.layer_ids)
+    if not ids:
+        raise UserError("--layer-ids names no layer")
     bad = [i for i in ids if not 0 <= i < num_layers]
     if bad:
         raise UserError(f"unknown layer id(s) {bad}: the teacher has {num_layers} layers "
                         f"(valid ids 0..{num_layers - 1})")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UserError(f"--layer-ids repeats layer(s) {dup}: each layer's features would be "
+                        "stored twice; name each layer once")
     return ids
 
 
@@ -159,6 +166,7 @@ def dump_into(config: DumpConfig, directory, manifest: CacheManifest, seqs, limi
         prepared = prepare_cache(directory, manifest, overwrite=config.overwrite)
         out = str(Path(directory).resolve())
         if prepared.complete:
+            check_complete(directory)  # a corrupt finished cache is refused, never "complete"
             log(f"cache at {out} is already complete ({prepared.manifest.num_records} sequences); "
                 "nothing to do")
             return _summary(0, config.seq_len, 0, t0, t0, out, prepared.manifest.num_records)

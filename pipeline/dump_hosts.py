@@ -93,6 +93,8 @@ def run_host_dump(config, manifest: CacheManifest, seqs, teacher, info, group: P
     if config.overwrite:
         (out / MANIFEST_NAME).unlink(missing_ok=True)
     elif _check_top(out, top):
+        from pipeline.cache_verify import check_complete
+        check_complete(out / host_dirname(p, n))  # each host checks the parts it wrote
         log(f"cache at {out.resolve()} is already complete ({n} hosts); nothing to do")
         return {"sequences": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "tokens_per_s": 0.0,
                 "setup_seconds": round(time.perf_counter() - t0, 3), "complete": True,

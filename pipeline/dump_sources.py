@@ -6,7 +6,6 @@ cache, or one with mismatched settings, is answered before the expensive teacher
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -61,21 +60,39 @@ def _as_dict(cfg) -> dict:
     return dict(vars(cfg))
 
 
+def _content_digest(path: Path, h) -> None:
+    """Stream a file's bytes into `h` (xxh3_128: ~15 GB/s, so big data adds little to a dump)."""
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while block := fh.read(8 << 20):
+                h.update(block)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def data_identity(data: str | None) -> dict:
-    """The data source and a fingerprint of its files (names and sizes: cheap to stat)."""
+    """The data source and a fingerprint of the content of exactly the files the reader reads
+    (pipeline.data.resolve_source: not __pycache__, not files of other types), so an edit of
+    the data between a kill and the resume is refused even when no size changes."""
+    import xxhash
+
+    from pipeline.data import resolve_source
     if data is None or data.startswith("builtin"):
         return {"source": data or "builtin"}
-    paths = sorted(glob.glob(data, recursive=True)) if any(c in data for c in "*?[") else [data]
-    h, count = hashlib.sha256(), 0
-    for p in paths:
-        p = Path(p)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        for f in files:
-            if f.exists():
-                h.update(f"{f.resolve()}\0{f.stat().st_size}\0".encode())
-                count += 1
-    return {"source": os.path.abspath(data) if paths == [data] else data, "files": count,
-            "fingerprint": h.hexdigest()[:16]}
+    files = []
+    for kind, loc in resolve_source(data):
+        loc = Path(loc)
+        if kind == "datasets":  # a saved dataset: its arrow files and metadata
+            files += sorted(q for q in loc.rglob("*")
+                            if q.is_file() and "__pycache__" not in q.parts)
+        else:
+            files.append(loc)
+    h = xxhash.xxh3_128()
+    for f in files:
+        h.update(f"{f.resolve()}\0{f.stat().st_size}\0".encode())
+        _content_digest(f, h)
+    return {"source": os.path.abspath(data) if Path(data).exists() else data,
+            "files": len(files), "fingerprint": h.hexdigest()[:32]}
 
 
 def _mask_token_id(cfg: dict, model_path: Path | None):
@@ -88,11 +105,22 @@ def _mask_token_id(cfg: dict, model_path: Path | None):
     return GPT_OSS_MASK_TOKEN_ID if cfg.get("model_type") == "gpt_oss" else None
 
 
+def check_seq_len(config, cfg: dict) -> None:
+    """--seq-len must fit the teacher's positions (checked before anything is written)."""
+    limit = cfg.get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool) and config.seq_len > limit:
+        raise UserError(f"--seq-len {config.seq_len} exceeds the teacher's "
+                        f"max_position_embeddings {limit}; pass --seq-len {limit} or less")
+
+
 def _snapshot_info(config, path: Path) -> TeacherInfo:
+    """Everything the dump needs from the snapshot, validated before any file is written:
+    config.json (JSON, GPT-OSS, its sizes), safetensors weights present, --seq-len in range."""
+    from pipeline.models import check_weights, read_config
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise UserError(f"{path} has no config.json: not a model snapshot")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_config(path)
+    check_weights(path)
+    check_seq_len(config, cfg)
     identity = {"path": str(path), "config_sha256": _sha256_file(cfg_path),
                 "weights_sha256": _weights_sha256(path), "model_type": cfg.get("model_type")}
     tokenizer = str(path) if any((path / f).is_file() for f in (
@@ -113,6 +141,7 @@ def teacher_info(config, teacher=None) -> TeacherInfo:
     if path is not None and (Path(path) / "config.json").is_file():
         return _snapshot_info(config, Path(path).resolve())
     cfg = _as_dict(getattr(teacher, "config", None))
+    check_seq_len(config, cfg)
     identity = dict(getattr(teacher, "identity", None) or {"path": config.model})
     return TeacherInfo(
         int(teacher.num_layers), int(teacher.hidden_size), identity, data_identity(config.data),

@@ -68,3 +68,56 @@ def resolve_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
         searched.append(f"HF cache {repo_dir}/snapshots (HF_HOME/HF_HUB_CACHE; offline)")
     raise UserError(f"--model {name}: not found (searched {'; '.join(searched)}); "
                     "use --model tiny for the built-in miniature GPT-OSS teacher")
+
+
+# Pickled weight files (torch.load): never loaded; a snapshot with only these is refused.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def read_config(path: Path) -> dict:
+    """The snapshot's config.json as a dict, or one UserError line (missing, not JSON, not an
+    object, or not a GPT-OSS config with the fields the teacher needs)."""
+    import json
+
+    cfg_path = Path(path) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path} has no config.json: not a model snapshot") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path} is not a JSON object")
+    if cfg.get("model_type") != "gpt_oss":
+        raise UserError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not gpt_oss; the "
+                        "teacher (and its EasyDeL fixes) is GPT-OSS only")
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1:
+            raise UserError(f"{cfg_path}: {key} is {cfg.get(key)!r}, expected a positive integer")
+    return cfg
+
+
+def check_weights(path: Path) -> None:
+    """Refuse a snapshot whose weights are not all safetensors files on disk: no pickle (a
+    pytorch_model.bin) is ever loaded, and a missing file is named before anything runs."""
+    import json
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = set(json.loads(index.read_bytes())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is not a valid safetensors index ({e})") from None
+        missing = sorted(f for f in files if not (path / f).is_file())
+        if missing:
+            raise UserError(f"{path}: weight file(s) named by {index.name} are missing: "
+                            f"{', '.join(missing[:3])}")
+        return
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise UserError(f"{path} holds only pickled weights ({', '.join(pickles[:3])}): they are "
+                        "never loaded (a pickle can run code); convert the snapshot to safetensors")
+    raise UserError(f"{path} has no weights (no *.safetensors file): not a complete snapshot")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from pipeline import easydel_fixes, jax_setup
 from pipeline.errors import UserError
-from pipeline.models import DEFAULT_MODEL, resolve_model
+from pipeline.models import DEFAULT_MODEL, check_weights, read_config, resolve_model
 
 
 def _import_easydel():
@@ -102,10 +102,8 @@ class Teacher:
         compilation_cache: directory or "off"; None = $DFLASH_JAX_CACHE or /dev/shm/dflash/jax_cache.
         """
         path = resolve_model(model)
-        hf_config = json.loads((path / "config.json").read_text())
-        if hf_config.get("model_type") != "gpt_oss":
-            raise UserError(f"--model {model}: model_type {hf_config.get('model_type')!r} is not "
-                            "gpt_oss; the teacher (and its EasyDeL fixes) is GPT-OSS only")
+        hf_config = read_config(path)  # JSON, GPT-OSS, sizes: one UserError line otherwise
+        check_weights(path)  # safetensors only: no pickle is ever loaded
         _import_easydel()
         jax_setup.enable_compilation_cache(compilation_cache)
         devices = jax_setup.start_backend()

@@ -5,7 +5,8 @@
     python -m pipeline.teacher_dump ... --format tensorstore --kvstore gs://bucket/cache/
     python -m pipeline.teacher_dump ... --distributed     # every host of a TPU pod runs this
 
-Rerun the same command after an interruption to resume; a finished cache is left as it is.
+Rerun the same command after an interruption to resume; a finished cache is verified and left
+as it is. `--verify --out DIR` only checks the cache in DIR (pipeline/cache_verify.py).
 Prints one JSON line at the end: {sequences, tokens, bytes, seconds, tokens_per_s, ...}.
 """
 from __future__ import annotations
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> DumpConfig:
     add("--queue-batches", type=int, default=_D.queue_batches,
         help="batches buffered between device and writer" + dflt)
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--verify", action="store_true", help="only check every part of the cache in --out "
+        "(size, checksum, records) and list the bad ones; exit 1 if any")
     add("--format", default=_D.format, choices=("arrayrecord", "tensorstore"),
         help="part storage: ArrayRecord files or TensorStore zarr3 parts" + dflt)
     add("--kvstore", default=None, help="TensorStore data root URL for --format tensorstore, "
@@ -75,6 +78,8 @@ def parse_args(argv=None) -> DumpConfig:
     add("--distributed", action="store_true",
         help="jax.distributed.initialize() from the cluster environment (TPU pod)")
     a = p.parse_args(argv)
+    if a.verify:
+        return a
     return DumpConfig(
         model=a.model, data=a.data, out=a.out, shards=a.shards, seq_len=a.seq_len,
         batch_size=a.batch_size, layer_ids=a.layer_ids, num_layers=a.num_layers,
@@ -89,6 +94,9 @@ def main(argv=None, *, teacher=None, sequences=None) -> int:
     """CLI entry; `teacher`/`sequences` inject a stand-in (tests), as in `run_dump`."""
     try:
         config = parse_args(argv)
+        if isinstance(config, argparse.Namespace):  # --verify
+            from pipeline.cache_verify import run
+            return run(config.out, progress=not config.no_progress)
         summary = run_dump(config, teacher=teacher, sequences=sequences,
                            log=lambda msg: print(msg, file=sys.stderr))
     except UserError as e:

@@ -58,17 +58,23 @@ def open_training_cache(data_dir: str | Path):
 
 
 class _ArrayRecordRecords:
-    """ArrayRecord parts through Grain's own source (its reads are thread-safe), decoded."""
+    """ArrayRecord parts through Grain's own source (its reads are thread-safe), decoded.
+    Riegeli checks the hash of each record's chunk as it reads it: a failed read (or a record
+    of the wrong size) becomes one CacheError line naming the part and the record."""
 
     def __init__(self, reader: CacheReader):
         self._source = grain.sources.ArrayRecordDataSource(reader.grain_paths)  # key i = seq i
+        self._reader = reader
         self._manifest = reader.manifest
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, i) -> dict:
-        return decode_record(self._source[i], self._manifest)
+        try:
+            return decode_record(self._source[i], self._manifest)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise self._reader.read_error(int(i), e) from None
 
 
 def _records(reader):
