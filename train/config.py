@@ -9,6 +9,7 @@ train a draft for one teacher on another teacher's features.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 # Paper App. A: gamma of the slot-decay weights by block size.
 _GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
@@ -64,6 +65,8 @@ class TrainConfig:
     """Grain prefetch buffer, in records."""
     progress: bool = True
     """tqdm progress bar on stderr."""
+    memory_limit_gb: float | None = None
+    """Host memory the run may take, GB (default: MemAvailable, capped by the cgroup limit)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "block_size", "draft_layers", "anchors_per_seq",
@@ -73,6 +76,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.block_size < 2:
             raise ValueError("block_size must be >= 2 (slot 0 is the anchor and carries no loss)")
+        for name in ("lr", "weight_decay", "b1", "b2", "clip", "gamma", "memory_limit_gb"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if self.compute_dtype not in ("bfloat16", "float32"):

@@ -1,5 +1,6 @@
-"""`train(cfg)`: the whole run — check the cache, build mesh/state/loader, resume from the latest
-committed checkpoint, step, log, save, export. The CLI (`train.main`) only parses flags.
+"""`train(cfg)`: the whole run — check --out and the cache, compile the step and check its memory
+fits, then build state/loader, resume from the latest committed checkpoint, step, log, save,
+export. Nothing is written before every check has passed. The CLI (`train.main`) only parses flags.
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ from model.config import DraftConfig
 from pipeline.errors import UserError
 from train import step as step_lib
 from train.checkpoint import Checkpointer
+from train import memory
 from train.config import TrainConfig
-from train.loader import make_dataset, open_training_cache, to_global
+from train.guard import (FiniteWatch, NonFiniteError, cache_fingerprint, check_block_fits,
+                         check_out_dir, manifest_object)
+from train.loader import make_dataset, num_anchors_for, open_training_cache, to_global
 from train.mesh import make_mesh
-from train.metrics import MetricsWriter, summarize
+from train.metrics import MetricsWriter, summarize, truncate_metrics
 from train.teacher_weights import load_embedding_and_head
 
 # TrainConfig fields a rerun may change without changing the computation.
 _FREE_FIELDS = {"progress", "log_every", "read_threads", "prefetch", "save_every",
-                "keep_checkpoints", "out", "data"}
+                "keep_checkpoints", "out", "data", "memory_limit_gb"}
 
 
 def teacher_config(manifest) -> tuple[Path, dict]:
@@ -68,19 +72,26 @@ def draft_config_for(cfg: TrainConfig, manifest, hf_config: dict) -> DraftConfig
         target_layer_ids=tuple(manifest.layer_ids), intermediate_size=cfg.intermediate_size)
 
 
-def _check_run_dir(out: Path, cfg: TrainConfig, identity: dict) -> None:
-    """Write <run>/run.json on the first run; on a rerun refuse a different cache or settings."""
+def _check_run_dir(out: Path, cfg: TrainConfig, identity: dict, create: bool = True) -> None:
+    """Write <run>/run.json on the first run (when `create`); on a rerun refuse a different cache
+    (its content too, not just its shapes) or settings."""
     path = out / "run.json"
     mine = {"train": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_FIELDS},
             "cache": identity}
     if path.exists():
         old = json.loads(path.read_text())
+        if "content" in old["cache"] and old["cache"]["content"] != identity.get("content"):
+            raise UserError(f"--data {cfg.data} holds other data than the cache {out} was "
+                            "trained on (content fingerprint differs: same shapes, different "
+                            "records); resume with the original cache or use a new --out")
+        if "content" not in old["cache"]:  # a run started before content was recorded
+            mine["cache"] = {k: v for k, v in identity.items() if k != "content"}
         if old != json.loads(json.dumps(mine)):
             diff = sorted(k for sec in ("train", "cache") for k in set(mine[sec]) | set(old[sec])
                           if mine[sec].get(k) != old[sec].get(k))
             raise UserError(f"{out} holds a run with different settings ({', '.join(diff)}); "
                             "use a new --out or the original flags")
-    elif jax.process_index() == 0:
+    elif create and jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("run.json.tmp")  # atomic: other processes may be reading it
         tmp.write_text(json.dumps(mine, indent=1))
@@ -101,39 +112,93 @@ def _write_msgpack(out: Path, dcfg, params) -> None:
         os.replace(tmp, out / "draft_params.msgpack")
 
 
+def _abstract_batch(cfg: TrainConfig, manifest, batch_sh) -> dict:
+    """The global batch the loader yields (train/loader.py `_Draw`), as shapes for lowering."""
+    b, t, n = cfg.batch_size, manifest.seq_len, num_anchors_for(manifest, cfg.anchors_per_seq)
+    shapes = {"input_ids": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.uint8),
+              "features": ((b, t, manifest.feature_dim), jnp.bfloat16),
+              "anchors": ((b, n), jnp.int32), "anchor_valid": ((b, n), jnp.bool_)}
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
+            for k, (shape, dt) in shapes.items()}
+
+
+def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch_abs):
+    """The step's memory (train/memory.py) for this process: compiled step per local device,
+    loader buffers and save copies."""
+    pc = jax.process_count()
+    direct = manifest.format == "tensorstore" and manifest.hosts in (1, pc)
+    loader = memory.loader_buffer_bytes(manifest, batch=cfg.batch_size // pc,
+                                        prefetch=cfg.prefetch, read_threads=cfg.read_threads,
+                                        direct=direct)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return memory.estimate_memory(
+        compiled, batch_device_bytes=memory.tree_bytes(batch_abs) // shards,
+        local_devices=[d for d in mesh.devices.flat if d.process_index == jax.process_index()],
+        loader_bytes=loader, state_bytes=memory.tree_bytes(abstract) // pc,
+        params_bytes=memory.tree_bytes(abstract["params"]), limit_gb=cfg.memory_limit_gb)
+
+
+def _write_json(path: Path, obj) -> None:
+    if jax.process_index() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+
+
 def train(cfg: TrainConfig, devices=None) -> dict:
     """Run (or resume) the training described by cfg on `devices` (default: all) -> summary."""
     t_start = time.time()
     out = Path(cfg.out)
+    check_out_dir(out)  # before anything is written or compiled
+    manifest_object(Path(cfg.data) / "manifest.json")  # JSON but not an object: one line
     cache = open_training_cache(cfg.data)
     manifest = cache.manifest
+    check_block_fits(cfg.block_size, manifest.seq_len)
     teacher_path, hf_config = teacher_config(manifest)
     dcfg = draft_config_for(cfg, manifest, hf_config)
     identity = {"teacher": manifest.teacher, "layer_ids": list(manifest.layer_ids),
                 "hidden_size": manifest.hidden_size, "dtype": manifest.dtype,
-                "seq_len": manifest.seq_len, "num_records": manifest.num_records}
-    _check_run_dir(out, cfg, identity)
+                "seq_len": manifest.seq_len, "num_records": manifest.num_records,
+                "content": cache_fingerprint(cfg.data, manifest)}
+    _check_run_dir(out, cfg, identity, create=False)
 
     mesh = make_mesh(cfg.mesh, devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % shards:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {shards}")
     cdt = jnp.dtype(cfg.compute_dtype)
-    embed, head = load_embedding_and_head(teacher_path)
-    if embed.shape != (dcfg.vocab_size, dcfg.hidden_size) or head.shape != embed.shape:
-        raise UserError(f"teacher embedding {embed.shape} / head {head.shape} do not match "
-                        f"vocab {dcfg.vocab_size} x hidden {dcfg.hidden_size}")
-    frozen_np = {"embed": embed, "lm_head": head}
-    frozen_sh = step_lib.frozen_shardings(mesh, frozen_np)
-    # Cast on host, then place: no full [V, H] copy lands on one device first.
-    frozen = {k: jax.device_put(np.asarray(v, dtype=cdt), frozen_sh[k])
-              for k, v in frozen_np.items()}
+    frozen_abs = {k: jax.ShapeDtypeStruct((dcfg.vocab_size, dcfg.hidden_size), cdt)
+                  for k in ("embed", "lm_head")}
+    frozen_sh = step_lib.frozen_shardings(mesh, frozen_abs)
 
     init = functools.partial(step_lib.init_state, cfg, dcfg)
     abstract = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
     state_sh = step_lib.state_shardings(cfg, dcfg, mesh, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, state_sh)
+    step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh)
+    batch_sh = step_lib.batch_shardings(mesh)
+    # Compile before allocating anything: its memory analysis decides whether the run can fit
+    # (the first real call reuses this compilation).
+    batch_abs = _abstract_batch(cfg, manifest, batch_sh)
+    frozen_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=frozen_sh[k])
+                 for k, v in frozen_abs.items()}
+    compiled = step_fn.lower(abstract, frozen_in, batch_abs).compile()
+    estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs)
+    memory.check_fits(estimate, cfg)
+    if jax.process_index() == 0:
+        print(f"memory estimate: {memory.describe(estimate)}", file=sys.stderr)
+    _check_run_dir(out, cfg, identity)  # the first run writes run.json (and creates --out)
+    _write_json(out / "memory.json", estimate.to_dict())
+
+    embed, head = load_embedding_and_head(teacher_path)
+    if embed.shape != (dcfg.vocab_size, dcfg.hidden_size) or head.shape != embed.shape:
+        raise UserError(f"teacher embedding {embed.shape} / head {head.shape} do not match "
+                        f"vocab {dcfg.vocab_size} x hidden {dcfg.hidden_size}")
+    # Cast on host, then place: no full [V, H] copy lands on one device first.
+    frozen = {k: jax.device_put(np.asarray(v, dtype=cdt), frozen_sh[k])
+              for k, v in (("embed", embed), ("lm_head", head))}
+    del embed, head  # the host copies are not needed again
 
     data_it = iter(make_dataset(cache, global_batch=cfg.batch_size,
                                 anchors_per_seq=cfg.anchors_per_seq, seed=cfg.seed,
@@ -147,8 +212,8 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     else:
         state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(cfg.seed))
 
-    step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh)
-    batch_sh = step_lib.batch_shardings(mesh)
+    if jax.process_index() == 0:
+        truncate_metrics(out / "metrics.jsonl", start)  # replayed steps are logged again
     writer = MetricsWriter(out, enabled=jax.process_index() == 0)
     bar = None
     if cfg.progress and jax.process_index() == 0:
@@ -156,25 +221,37 @@ def train(cfg: TrainConfig, devices=None) -> dict:
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * manifest.seq_len  # sequence tokens streamed per step
     last, t_loop, n_run = {}, time.time(), 0
-    for step in range(start, cfg.steps):
-        batch = to_global(next(data_it), batch_sh)
-        state, metrics = step_fn(state, frozen, batch)
-        n_run += 1
-        done = step + 1
-        if step == start and done < cfg.steps:  # throughput excludes the compile of step one
-            jax.block_until_ready(metrics)
-            t_loop, n_run = time.time(), 0
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            last = summarize(jax.device_get(metrics))
-            last["tokens_per_s"] = n_run * tokens_per_step / max(time.time() - t_loop, 1e-9)
-            writer.write(done, last)
+    watch, last_saved = FiniteWatch(), start or None
+    try:
+        for step in range(start, cfg.steps):
+            batch = to_global(next(data_it), batch_sh)
+            state, metrics = step_fn(state, frozen, batch)
+            watch.add(step + 1, metrics)
+            n_run += 1
+            done = step + 1
+            if step == start and done < cfg.steps:  # throughput excludes the compile of step one
+                jax.block_until_ready(metrics)
+                t_loop, n_run = time.time(), 0
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                watch.check(last_saved)  # before a non-finite step is logged
+                last = summarize(jax.device_get(metrics))
+                last["tokens_per_s"] = n_run * tokens_per_step / max(time.time() - t_loop, 1e-9)
+                writer.write(done, last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                bar.update(1)
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                watch.check(last_saved)  # never save a non-finite state
+                ckpt.save(done, state, data_it.get_state())
+                _write_msgpack(out, dcfg, _host_params(state["params"]))
+                last_saved = done
+    except NonFiniteError:
+        ckpt.close()  # the good checkpoints still being written are committed
+        writer.close()
         if bar is not None:
-            bar.update(1)
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            ckpt.save(done, state, data_it.get_state())
-            _write_msgpack(out, dcfg, _host_params(state["params"]))
+            bar.close()
+        raise
     elapsed_loop = time.time() - t_loop
     ckpt.close()
     writer.close()
@@ -190,4 +267,4 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     return {"steps": cfg.steps, "final_loss": last.get("loss"),
             "expected_tau": last.get("expected_tau"),
             "tokens_per_s": n_run * tokens_per_step / max(elapsed_loop, 1e-9),
-            "seconds": time.time() - t_start}
+            "seconds": time.time() - t_start, "memory": estimate.to_dict()}

@@ -4,7 +4,12 @@
 
 Defaults are the z-lab gpt-oss-20b draft (8 layers, block 8) and the paper's recipe (512 anchors
 per sequence, AdamW 6e-4, 4% warmup + cosine, clip 1.0). Ends by printing one JSON line:
-{"steps", "final_loss", "expected_tau", "tokens_per_s", "seconds"}.
+{"steps", "final_loss", "expected_tau", "tokens_per_s", "seconds", "memory"}.
+
+Before the first step the compiled step's memory is estimated (train/memory.py, also written to
+<run>/memory.json); a run that cannot fit stops with one line naming the flags that shrink it. A
+step with a non-finite loss, gradient or update stops the run (exit 2), keeping the last good
+checkpoint.
 
 Several hosts (JAX multi-controller): every host runs the same command with
 `--coordinator-address host0:port --num-processes P --process-id p`, or `--distributed` on a TPU
@@ -33,6 +38,7 @@ _HELP = {
     "seed": "seeds init, per-epoch shuffle and anchor draws",
     "save_every": "steps between checkpoints and draft_params.msgpack",
     "compute_dtype": "bfloat16 or float32 (master params stay float32)",
+    "memory_limit_gb": "host memory the run may take in GB (default: what the host has free)",
 }
 _TYPES = {"int": int, "float": float, "str": str}
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,26 @@ def summarize(raw: dict) -> dict:
            "supervised_tokens": float(count.sum())}
     out.update({f"acc_slot{k + 1}": float(a) for k, a in enumerate(acc)})
     return out
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only metrics.jsonl's lines of steps <= `step` (the checkpoint a resume restores): the
+    steps after it are run, and logged, again. Replaced atomically; a torn last line (a kill
+    mid-write) is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 class MetricsWriter:

@@ -108,9 +108,13 @@ def make_step_fn(cfg: TrainConfig, dcfg):
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                      "rng": jax.random.fold_in(state["rng"], state["step"])}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+        grad_norm = optax.tree.norm(grads)
+        # a NaN learning rate gives finite loss and gradient but NaN params: check the update too
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(updates)))
+        metrics = {"loss": loss, "grad_norm": grad_norm,
                    "lr": schedule(state["step"]), "slot_correct": aux["slot_correct"],
-                   "slot_count": aux["slot_count"]}
+                   "slot_count": aux["slot_count"], "finite": finite}
         return new_state, metrics
 
     return step_fn

@@ -1,0 +1,172 @@
+"""What a training step will hold in memory, estimated before the first step, and the refusal
+when it cannot fit (issue 11: the kernel killed a run at 21 GB that a number could have predicted).
+
+    estimate = estimate_memory(compiled_step, ...)   # after jit(...).lower(...).compile()
+    check_fits(estimate, cfg)                        # UserError naming the flags that shrink it
+
+Per device: the compiled step's own accounting (`memory_analysis()`): arguments + outputs - the
+donated bytes they share + XLA temporaries + code, plus the next batch, which the loop places while
+the step runs. On the host: the Grain loader's buffers (records in flight and prefetched batches,
+computed here from the manifest and the loader settings) and the copies a save makes (Orbax copies
+the state to host; draft_params.msgpack is a float32 copy of the params and its serialized bytes).
+CPU "devices" are host memory, so there every device's share is added to the host's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pipeline.errors import UserError
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    step_device_bytes: int  # per device: the compiled step + the next batch
+    local_devices: int
+    device_limit_bytes: int | None  # per device free accelerator memory; None: devices are host RAM
+    loader_bytes: int
+    save_bytes: int
+    host_bytes: int  # everything that lands in host RAM
+    host_available_bytes: int
+    process_rss_bytes: int  # this process's resident set at the estimate (runtime, compile)
+
+    @property
+    def predicted_peak_rss_bytes(self) -> int:
+        """Resident set the run should peak at: what it holds now plus what the step adds."""
+        return self.process_rss_bytes + self.host_bytes
+
+    def fits(self) -> bool:
+        if self.device_limit_bytes is not None and self.step_device_bytes > self.device_limit_bytes:
+            return False
+        return self.host_bytes <= self.host_available_bytes
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), predicted_peak_rss_bytes=self.predicted_peak_rss_bytes)
+
+
+def compiled_device_bytes(compiled) -> int:
+    """Peak bytes per device of a compiled program: what it reads, writes (minus donated buffers
+    it writes in place), its temporaries and its code."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def loader_buffer_bytes(manifest, *, batch: int, prefetch: int, read_threads: int,
+                        direct: bool) -> int:
+    """Bytes the per-process loader (train/loader.py `make_dataset`) holds at most.
+
+    ArrayRecord: each Grain element is a whole record (its features are views of the record
+    bytes): `prefetch` buffered + one per read thread, then the batch being stacked and the one the
+    loop holds. TensorStore (`direct`): elements are tokens only; features are read into batches,
+    of which a thread prefetches max(1, prefetch // batch), one is being filled, one is held."""
+    record = manifest.record_nbytes
+    tokens = manifest.seq_len * 5  # int32 ids + uint8 mask
+    if direct:
+        batches = max(1, prefetch // batch) + 2
+        return (prefetch + read_threads) * tokens + batches * batch * record
+    return (prefetch + read_threads) * record + 2 * batch * record
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def process_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def host_available_bytes(limit_gb: float | None = None) -> int:
+    """Host RAM this run may still take: --memory-limit-gb when given; else MemAvailable, capped
+    by the cgroup's limit (a container is killed at its own limit, not the machine's)."""
+    if limit_gb is not None:
+        return int(limit_gb * GB)
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int((cg / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return int(avail)
+
+
+def device_free_bytes(devices) -> int | None:
+    """Smallest free memory over `devices` (bytes_limit - bytes_in_use); None when the devices
+    report none (CPU: their memory is the host's)."""
+    free = []
+    for d in devices:
+        stats = d.memory_stats() if d.platform != "cpu" else None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return min(free) if free else None
+
+
+def estimate_memory(compiled, *, batch_device_bytes: int, local_devices: list,
+                    loader_bytes: int, state_bytes: int, params_bytes: int,
+                    limit_gb: float | None = None) -> MemoryEstimate:
+    step = compiled_device_bytes(compiled) + batch_device_bytes
+    limit = device_free_bytes(local_devices)
+    save = state_bytes + 2 * params_bytes
+    host = loader_bytes + save + (step * len(local_devices) if limit is None else 0)
+    return MemoryEstimate(step_device_bytes=step, local_devices=len(local_devices),
+                          device_limit_bytes=limit, loader_bytes=loader_bytes, save_bytes=save,
+                          host_bytes=host, host_available_bytes=host_available_bytes(limit_gb),
+                          process_rss_bytes=process_rss_bytes())
+
+
+def _b(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def describe(e: MemoryEstimate) -> str:
+    where = (f"{_b(e.step_device_bytes)} per device (of {_b(e.device_limit_bytes)} free)"
+             if e.device_limit_bytes is not None else
+             f"{e.local_devices} CPU device(s) x {_b(e.step_device_bytes)}")
+    return (f"step {where}, loader {_b(e.loader_bytes)}, checkpoint copies {_b(e.save_bytes)}: "
+            f"host needs {_b(e.host_bytes)} of {_b(e.host_available_bytes)} available")
+
+
+def check_fits(e: MemoryEstimate, cfg) -> None:
+    """UserError (one line) when the step cannot fit, naming the flags that shrink it."""
+    ok = e.fits()
+    if jax.process_count() > 1:  # every process stops, or none: a lone survivor would hang
+        from jax.experimental import multihost_utils
+        ok = bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+    if ok:
+        return
+    if e.device_limit_bytes is not None and e.step_device_bytes > e.device_limit_bytes:
+        what = f"needs {_b(e.step_device_bytes)} per device, {_b(e.device_limit_bytes)} free"
+    elif e.fits():
+        what = "does not fit on another process"
+    else:
+        what = (f"needs {_b(e.host_bytes)} of host memory, {_b(e.host_available_bytes)} "
+                f"available ({describe(e)})")
+    remat = "" if cfg.remat else " or --remat"
+    raise UserError(f"the training step will not fit in memory: it {what}; shrink it with "
+                    f"--batch-size (now {cfg.batch_size}), --anchors-per-seq (now "
+                    f"{cfg.anchors_per_seq}){remat}, or raise --memory-limit-gb if more is free")
