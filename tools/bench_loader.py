@@ -13,7 +13,8 @@ alternative layout is written, read and deleted in turn, so /dev/shm holds at mo
   grain[tensorstore] the same trainer path over the same sequences dumped with
                      `--format tensorstore`: features os.preadv'd from the plain chunk files
                      straight into the batch; [ts read]: TensorStore reading into the batch
-                     instead (what the loader does for other kvstores or sharded parts)
+                     instead (what the loader does for other kvstores or sharded parts);
+                     [unchecked]: without the per-record xxh3 checksum check (its cost)
   npz                np.load of one .npz holding features [N, T, F] (the seed's format)
   torch / st         one torch.save / safetensors file per sequence, read in shuffled order and
                      collated into a batch array (np.stack, as DataLoader's default_collate)
@@ -253,14 +254,17 @@ def bench_tensorstore(a, threads, batches) -> list[dict]:
     rows = bench_raw(chunks, a.n, feat_bytes)
     for r in rows:
         r["reader"] += " [tensorstore features chunks]"
-    for pread in (True, False):  # the loader's path; TensorStore's own read (other kvstores)
+    # the loader's path; the same without its per-record checksum check (what the check costs,
+    # measured back to back); TensorStore's own read (other kvstores)
+    for pread, checked in ((True, True), (True, False), (False, True)):
         cache.close()
         cache = open_cache(path)
-        cache.pread_plain_chunks = pread
-        for t in threads if pread else threads[-1:]:
+        cache.pread_plain_chunks, cache.check_records = pread, checked
+        label = ("grain[tensorstore]" if pread else "grain[ts read]") + ("" if checked else
+                                                                       " unchecked")
+        for t in threads if pread and checked else threads[-1:]:
             rows.append(bench_grain(cache, batch=a.batch, threads=t, prefetch=a.prefetch,
-                                    workers=0, batches=batches,
-                                    label="grain[tensorstore]" if pread else "grain[ts read]"))
+                                    workers=0, batches=batches, label=label))
     cache.close()
     if not a.keep:
         shutil.rmtree(path, ignore_errors=True)
@@ -324,7 +328,8 @@ def main(argv=None) -> dict:
     if not a.skip_tensorstore:  # written after the ArrayRecord copy is gone
         rows += bench_tensorstore(a, threads, batches)
 
-    by = {r["reader"]: r["GB_per_s"] for r in rows}
+    unchecked = [r for r in rows if "unchecked" in r["reader"]]
+    by = {r["reader"]: r["GB_per_s"] for r in rows if r not in unchecked}
     raw = max(by["raw dd bs=4M"], by["raw python readinto 64MiB"])
     ours = max(v for k, v in by.items() if k.startswith("grain"))
     best = lambda prefix: max((v for k, v in by.items() if k.startswith(prefix)), default=None)
@@ -338,6 +343,7 @@ def main(argv=None) -> dict:
         "best_grain_GB_per_s": ours, "best_grain_arrayrecord_GB_per_s": best("grain w="),
         "best_grain_tensorstore_GB_per_s": best("grain[tensorstore]"),
         "best_grain_ts_read_GB_per_s": best("grain[ts read]"),
+        "tensorstore_unchecked_GB_per_s": unchecked[0]["GB_per_s"] if unchecked else None,
         "flat_preadv_GB_per_s": flat,
         "subrecords_GB_per_s": sub, "raw_GB_per_s": raw, "grain_x_raw": ours / raw,
         "grain_x_per_sample": None if per_sample is None else ours / per_sample,
