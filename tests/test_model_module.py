@@ -143,3 +143,30 @@ def test_module_init_and_variables_match_the_list_form_and_checkpoints(tmp_path)
     suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}
     zlab = {p.rsplit(".", 1)[0] + "." + suffix[p.rsplit(".", 1)[1]] for p in module_paths}
     assert zlab == set(model.io.to_hf_state_dict(config, params))
+
+
+def test_cached_decode_matches_reference(tmp_path):
+    """The cached form against the reference DFlashDraftModel directly (as strict as
+    test_model_parity.py): context appended in two padded chunks, a full and tail blocks, on
+    GPT-OSS-like layers (YaRN, bias, a sliding layer with window 6 < context, a full layer)."""
+    from tests._model_fixtures import (GPT_OSS_YARN, reference_config, reference_forward,
+                                       reference_model)
+
+    ref = reference_model(reference_config(
+        num_features=5, block_size=8, bias=True, rope_theta=150000.0, rope_scaling=GPT_OSS_YARN,
+        layer_types=("sliding_attention", "full_attention"), sliding_window=6))
+    ref.save_pretrained(tmp_path)
+    config, params = model.load_draft(tmp_path)
+    module, variables = DFlashDraft(config), model.as_variables(params)
+    rng = np.random.default_rng(4)
+    ctx = rng.normal(size=(1, 21, 5 * 64)).astype(np.float32)
+    noise = rng.normal(size=(1, 8, 64)).astype(np.float32)
+    cache = model.empty_cache(config, 1, 32)
+    first = np.pad(ctx[:, :13], ((0, 0), (0, 3), (0, 0)), constant_values=5.0)  # padded chunk
+    cache = module.apply(variables, cache, jnp.asarray(first), 0, method="append_context")
+    cache = module.apply(variables, cache, jnp.asarray(ctx[:, 13:]), 13,
+                         method="append_context")
+    for n in (8, 5, 1):
+        want = reference_forward(ref, ctx, noise[:, :n], np.arange(21 + n)[None])
+        got = module.apply(variables, cache, jnp.asarray(noise), 21, n, method="propose")
+        assert np.abs(np.asarray(got)[:, :n] - want).max() <= 1e-4, n
