@@ -5,9 +5,15 @@ Sources (`iter_sequences(source, ...)`):
   DIR            every .txt/.py/.jsonl/.parquet file under DIR (sorted), or a `datasets`
                  dataset saved with `save_to_disk`
   GLOB           e.g. "data/*.jsonl" (sorted matches)
-  FILE           .txt/.py (plain text), .jsonl (one {"text": ...} or {"messages": [...]} per
-                 line), .parquet (a `text` or `messages` column)
+  FILE           .txt/.py (plain text), .jsonl (one {"text": ...}, {"messages": [...]} or
+                 {"prompt": ..., "completion": ...} per line), .parquet (a `text` or `messages`
+                 column)
 Plain text is supervised everywhere (loss_mask 1) and each document ends with `<|endoftext|>`.
+A prompt/completion pair (what `pipeline.regenerate` writes for plain-text prompts) supervises
+only the completion's tokens; the prompt and completion are tokenized separately so the boundary
+is exact (or taken verbatim from `prompt_ids` / `completion_ids` when the record has them: decoded
+text need not re-encode to the generated tokens), and an unsupervised `<|endoftext|>` follows
+unless the completion already ends with it.
 Chats are rendered with the tokenizer's chat template (harmony for gpt-oss) and only what the
 assistant writes is supervised. Documents are packed back to back and cut into rows of seq_len;
 a final partial row is padded (loss_mask 0) if it holds at least min_len tokens.
@@ -82,20 +88,38 @@ def _decode(data: bytes, path: Path, line_offset: int = 0) -> str:
         raise UserError(f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x})") from None
 
 
-def _record(obj, where: str):
-    """Validate one {"text"} or {"messages"} record -> ("text", str) or ("chat", list)."""
-    if not isinstance(obj, dict) or not ({"text", "messages"} & obj.keys()):
-        raise UserError(f"{where}: expected an object with a 'text' or a 'messages' field")
+def _record(obj, where: str, require_assistant: bool = True):
+    """Validate one {"text"}, {"messages"} or {"prompt", "completion"} record -> ("text", str),
+    ("chat", list) or ("completion", (prompt, completion))."""
+    if not isinstance(obj, dict) or not ({"text", "messages", "completion"} & obj.keys()):
+        raise UserError(f"{where}: expected an object with a 'text', a 'messages' or a "
+                        "'prompt' + 'completion' field")
     if "messages" in obj and obj["messages"] is not None:
-        return "chat", chat.validate_messages(obj["messages"], where)
+        return "chat", chat.validate_messages(obj["messages"], where, require_assistant)
+    if obj.get("completion") is not None:
+        pair = obj.get("prompt"), obj["completion"]
+        if not all(isinstance(x, str) for x in pair) or not pair[1]:
+            raise UserError(f"{where}: 'prompt' and 'completion' must be strings, the completion "
+                            "non-empty")
+        ids = obj.get("prompt_ids"), obj.get("completion_ids")
+        if ids != (None, None):  # the exact tokens (a decoded text need not re-encode to them)
+            if not all(isinstance(x, list) and all(type(t) is int and t >= 0 for t in x) for x in ids) \
+                    or not ids[1]:
+                raise UserError(f"{where}: 'prompt_ids' and 'completion_ids' must be lists of token "
+                                "ids, the completion non-empty")
+            return "completion", ids
+        return "completion", pair
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"{where}: 'text' is empty or not a string")
     return "text", text
 
 
-def iter_records(source: str | Path | None = None) -> Iterator[tuple[str, str, object]]:
-    """(where, kind, payload) for each document, kind "text" (payload str) or "chat" (messages)."""
+def iter_records(source: str | Path | None = None, *, require_assistant: bool = True
+                 ) -> Iterator[tuple[str, str, object]]:
+    """(where, kind, payload) for each document, kind "text" (payload str), "chat" (messages) or
+    "completion" ((prompt, completion)); chats without an assistant turn are refused unless
+    `require_assistant` is False (regeneration prompts)."""
     for kind, loc in resolve_source(source):
         if kind == "builtin":
             for path, text in corpus.iter_texts(loc):
@@ -105,13 +129,13 @@ def iter_records(source: str | Path | None = None) -> Iterator[tuple[str, str, o
             if text.strip():  # empty files (e.g. __init__.py) carry no text; not an error
                 yield f"{loc}:1", "text", text
         elif kind == "jsonl":
-            yield from _jsonl_records(loc)
+            yield from _jsonl_records(loc, require_assistant)
         else:
             for i, obj in enumerate(_table_rows(kind, loc)):
-                yield (f"{loc} row {i}", *_record(obj, f"{loc} row {i}"))
+                yield (f"{loc} row {i}", *_record(obj, f"{loc} row {i}", require_assistant))
 
 
-def _jsonl_records(loc: Path) -> Iterator[tuple[str, str, object]]:
+def _jsonl_records(loc: Path, require_assistant: bool = True) -> Iterator[tuple[str, str, object]]:
     try:
         f = open(loc, "rb")  # streamed: a jsonl file may be far larger than memory
     except OSError as e:
@@ -125,7 +149,7 @@ def _jsonl_records(loc: Path) -> Iterator[tuple[str, str, object]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{loc}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            yield (f"{loc}:{n}", *_record(obj, f"{loc}:{n}"))
+            yield (f"{loc}:{n}", *_record(obj, f"{loc}:{n}", require_assistant))
 
 
 def _table_rows(kind: str, loc: Path) -> Iterator[dict]:
@@ -138,7 +162,7 @@ def _table_rows(kind: str, loc: Path) -> Iterator[dict]:
             pf = pq.ParquetFile(loc)
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise UserError(f"{loc}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        cols = [c for c in ("text", "messages") if c in pf.schema_arrow.names]
+        cols = [c for c in ("text", "messages", "prompt", "completion") if c in pf.schema_arrow.names]
         if not cols:
             raise UserError(f"{loc}: parquet file has neither a 'text' nor a 'messages' column")
         for batch in pf.iter_batches(columns=cols, batch_size=1024):
@@ -150,7 +174,7 @@ def _table_rows(kind: str, loc: Path) -> Iterator[dict]:
         raise UserError(f"{loc} is a saved `datasets` dataset but the datasets package is not "
                         "installed (pip install datasets)") from None
     ds = datasets.load_from_disk(str(loc))
-    cols = [c for c in ("text", "messages") if c in ds.column_names]
+    cols = [c for c in ("text", "messages", "prompt", "completion") if c in ds.column_names]
     if not cols:
         raise UserError(f"{loc}: dataset has neither a 'text' nor a 'messages' column")
     yield from ds.select_columns(cols)
@@ -160,10 +184,15 @@ def encode_record(tokenizer, where: str, kind: str, payload) -> tuple[list[int],
     """Token ids and loss mask of one document (text gets a trailing document separator)."""
     if kind == "chat":
         return chat.render_with_mask(tokenizer, payload, where)
-    ids = list(tokenizer(payload, add_special_tokens=False, verbose=False)["input_ids"])
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # noqa: E731
     sep = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
     if sep is None or sep == tokenizer.unk_token_id:
         sep = tokenizer.eos_token_id
+    if kind == "completion":
+        prompt, completion = (encode(x) if isinstance(x, str) else list(x) for x in payload)
+        tail = [] if completion[-1:] == [sep] else [sep]  # a generated separator is supervised
+        return prompt + completion + tail, [0] * len(prompt) + [1] * len(completion) + [0] * len(tail)
+    ids = encode(payload)
     return ids + [sep], [1] * (len(ids) + 1)
 
 

@@ -1,0 +1,140 @@
+"""Batched, KV-cached generation with the GPT-OSS target: greedy or sampled, one jitted program.
+
+The per-sequence math is `pipeline.target_cached.forward` (the cached target the speculative
+harness is tested with), vmapped over a batch: every row has its own cache and its own position,
+so prompts of different lengths need no left padding and RoPE sees true positions. Prompts are
+right-padded to a common length for the prefill; the padded positions write junk keys/values at
+positions >= the row's length, which are never read (a query at p reads keys <= p) and are
+overwritten by the row's own generated tokens before any query could see them.
+
+The decode loop is a `lax.while_loop` inside the same jit (one dispatch per batch, exiting when
+every row has stopped). Sampling draws token t of sequence i with the key
+fold_in(fold_in(PRNGKey(seed), i), t): the draw depends on (seed, sequence index, step) only,
+never on which other sequences share the batch, so a resumed run reproduces it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline import target_cached as tc
+from pipeline.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are picked (hashable: static in the jitted program)."""
+    max_new_tokens: int = 512  # per sequence, the stop token included
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability >= top_p
+    seed: int = 0  # sampled decoding: token t of sequence i uses fold_in(seed, i, t)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def pick(sampling: SamplingConfig, logits, key):
+    """One token from logits [V] (float32): argmax, or a temperature / top-p draw with `key`."""
+    if sampling.temperature <= 0:
+        return jnp.argmax(logits).astype(jnp.int32)
+    z = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_p < 1:
+        order = jnp.argsort(-z)
+        probs = jax.nn.softmax(z[order])
+        before = jnp.cumsum(probs) - probs  # mass of strictly more likely tokens
+        keep_sorted = before < sampling.top_p  # the top token is always kept
+        z = jnp.where(jnp.zeros_like(keep_sorted).at[order].set(keep_sorted), z, -jnp.inf)
+    return jax.random.categorical(key, z).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, params, prompts,
+              lengths, seq_index, stop_ids):
+    """prompts [B, P] int32 (right-padded), lengths [B], seq_index [B] (sampling keys), stop_ids
+    [n] -> tokens [B, max_new_tokens] (after a row's stop token: the stop token repeated)."""
+    b = prompts.shape[0]
+    z = jnp.zeros((b, shape.num_layers, cache_len, shape.kv_heads, shape.head_dim), jnp.float32)
+    step = jax.vmap(lambda cache, toks, start: tc.forward(shape, params, cache, toks, start))
+    base = jax.random.PRNGKey(sampling.seed)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(seq_index)
+    pick_rows = jax.vmap(lambda lg, k, t: pick(sampling, lg, jax.random.fold_in(k, t)),
+                         in_axes=(0, 0, None))
+
+    hidden, _, cache = step((z, z), prompts, jnp.zeros((b,), jnp.int32))
+    last = hidden[jnp.arange(b), lengths - 1]
+    tok = pick_rows(last @ params["lm_head"].T, row_keys, 0)
+    out = jnp.zeros((b, sampling.max_new_tokens), jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, stop_ids)
+
+    def cond(state):
+        t, _, _, _, done, _ = state
+        return (t < sampling.max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        t, tok, pos, cache, done, out = state
+        hidden, _, cache = step(cache, tok[:, None], pos)
+        new = pick_rows(hidden[:, 0] @ params["lm_head"].T, row_keys, t)
+        new = jnp.where(done, tok, new)  # a stopped row repeats its stop token (cut on the host)
+        out = out.at[:, t].set(new)
+        # A stopped row's position stays put so it never writes past the cache.
+        return t + 1, new, jnp.where(done, pos, pos + 1), cache, done | jnp.isin(new, stop_ids), out
+
+    state = (jnp.int32(1), tok, lengths.astype(jnp.int32), cache, done, out)
+    return jax.lax.while_loop(cond, body, state)[-1]
+
+
+class BatchGenerator:
+    """generate(prompts, indices) -> generated token lists, batch by batch, one compile per
+    (batch size, prompt bucket)."""
+
+    def __init__(self, shape: tc.TargetShape, params, *, stop_ids, sampling: SamplingConfig,
+                 batch_size: int = 64, prompt_bucket: int = 64):
+        sampling.validate()
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        self.shape, self.params, self.sampling = shape, params, sampling
+        self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
+        self.batch_size, self.prompt_bucket = batch_size, prompt_bucket
+
+    @classmethod
+    def from_snapshot(cls, path, **kw) -> "BatchGenerator":
+        shape, params, _ = tc.load_target(path, (0,))  # features unused: one layer, the cheapest
+        return cls(shape, params, **kw)
+
+    def generate(self, prompts: list[list[int]], indices: list[int]) -> list[list[int]]:
+        """New tokens of each prompt, cut after its first stop token. `indices` are the global
+        sequence numbers that seed sampling; batches are padded to batch_size rows."""
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            out.extend(self._batch(prompts[s:s + self.batch_size], indices[s:s + self.batch_size]))
+        return out
+
+    def _batch(self, prompts, indices):
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: nothing to continue")
+        b, n_max = self.batch_size, max(len(p) for p in prompts)
+        pad_len = tc.bucket(n_max, self.prompt_bucket)
+        ids = np.zeros((b, pad_len), np.int32)
+        lengths = np.ones(b, np.int32)  # padding rows: a one-token prompt, result dropped
+        index = np.zeros(b, np.int32)
+        for r, (p, i) in enumerate(zip(prompts, indices)):
+            ids[r, :len(p)], lengths[r], index[r] = p, len(p), i
+        cache_len = tc.bucket(pad_len + self.sampling.max_new_tokens, self.prompt_bucket)
+        stop = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
+        toks = np.asarray(_generate(self.shape, self.sampling, cache_len, self.params,
+                                    jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(index), stop))
+        result = []
+        for r in range(len(prompts)):
+            row = toks[r].tolist()
+            hit = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
+            result.append(row if hit is None else row[:hit + 1])
+        return result
