@@ -58,7 +58,8 @@ def inference_mask(q_len: int, k_len: int, *, causal: bool, window: int | None):
 
 def block_sparse_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bool,
                            window: int | None, scale: float, implementation: str = "xla",
-                           chunk_blocks: int | None = None):
+                           chunk_blocks: int | None = None, block_k: int | None = None,
+                           interpret: bool = False):
     """Attention of N blocks of one sequence: each sees context positions < its anchor + its block.
 
     q, k_blk, v_blk: [b, N, B, H*, D] (block n at positions anchors[n] + 0..B-1, RoPE applied);
@@ -75,16 +76,25 @@ def block_sparse_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bo
         head for the whole sequence; the backward recomputes each chunk (one extra forward).
         FLOPs 4*N*B*(T+B)*F. Sliding layers gather only the window-1 context keys before each
         anchor, so their cost is 4*N*B*(window-1+B)*F.
-      "auto": "cudnn" on GPU for bf16/fp16 inputs, "xla" otherwise.
+      "auto": resolve_implementation(name, jax.default_backend(), q.dtype).
+      "pallas_tpu": block-sparse Pallas TPU kernel (model.kernels.block_sparse_tpu), forward and
+        backward: per q tile of `chunk_blocks` blocks it visits only the context tiles of
+        `block_k` keys below the tile's anchors, so FLOPs follow the visible mask,
+        ~4*B*F*sum_n(a_n + B) plus at most one partial tile per q tile (fwd; bwd ~2.5x).
+      "pallas_gpu": the same tiling as a Pallas Triton kernel (model.kernels.block_sparse_gpu).
+      interpret=True runs either Pallas kernel in interpret mode (CPU tests).
       "dense": one [N*B, T+N*B] boolean mask through XLA (jax.nn.dot_product_attention): simple,
         4*N*B*(T+N*B)*F FLOPs and the whole score matrix in memory; a test oracle and fallback.
       "cudnn": the same dense mask through cuDNN flash attention (GPU, bf16/fp16): scores never
         materialised, yet all 4*N*B*(T+N*B)*F FLOPs are spent although only ~14% of the mask is
-        visible. A block-sparse kernel (splash attention on TPU) is the next step; it plugs in
-        here.
+        visible.
     """
     if implementation == "auto":
-        implementation = default_implementation(q.dtype)
+        implementation = resolve_implementation("auto", jax.default_backend(), q.dtype)
+    if implementation in _KERNELS:
+        kernel = _KERNELS[implementation]()
+        return kernel(q, k_ctx, v_ctx, k_blk, v_blk, anchors, causal=causal, window=window,
+                      scale=scale, q_blocks=chunk_blocks, block_k=block_k, interpret=interpret)
     if implementation in ("dense", "cudnn"):
         return _dense_masked(q, k_ctx, v_ctx, k_blk, v_blk, anchors, causal=causal,
                              window=window, scale=scale,
@@ -95,10 +105,39 @@ def block_sparse_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bo
                           scale=scale, chunk_blocks=chunk_blocks)
 
 
-def default_implementation(dtype) -> str:
-    """The measured-best formulation for this backend and dtype (see block_sparse_attention)."""
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+def _tpu_kernel():
+    from model.kernels.block_sparse_tpu import block_sparse_tpu  # Pallas TPU: imported on use
+    return block_sparse_tpu
+
+
+def _gpu_kernel():
+    from model.kernels.block_sparse_gpu import block_sparse_gpu  # Pallas Triton: imported on use
+    return block_sparse_gpu
+
+
+_KERNELS = {"pallas_tpu": _tpu_kernel, "pallas_gpu": _gpu_kernel}
+IMPLEMENTATIONS = ("auto", "xla", "dense", "cudnn", "pallas_tpu", "pallas_gpu")
+# Where each implementation compiles (None: everywhere); interpret mode is for tests only.
+_BACKENDS = {"cudnn": ("gpu",), "pallas_tpu": ("tpu",), "pallas_gpu": ("gpu",)}
+
+
+def resolve_implementation(name: str, backend: str, dtype) -> str:
+    """The attention implementation to run: `name` itself, or for "auto" the block-sparse kernel
+    of the backend (Pallas TPU on TPU, Pallas Triton on GPU) and "xla" on CPU, where the Pallas
+    kernels only run interpreted. Raises ValueError for an unknown name or one that does not
+    run on `backend` ("cudnn" also needs bf16/fp16)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r} (choose from "
+                         f"{', '.join(IMPLEMENTATIONS)})")
+    if name == "auto":
+        return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend, "xla")
+    if backend not in _BACKENDS.get(name, (backend,)):
+        raise ValueError(f"attention implementation {name!r} runs on "
+                         f"{'/'.join(_BACKENDS[name])}, not on {backend}")
+    if name == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention implementation 'cudnn' needs bfloat16/float16, not "
+                         f"{jnp.dtype(dtype).name}")
+    return name
 
 
 def _dense_masked(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal, window, scale, implementation):

@@ -1,0 +1,1 @@
+"""Block-sparse attention kernels for the draft's training form (see model.attention)."""
