@@ -4,7 +4,6 @@ export. Nothing is written before every check has passed. The CLI (`train.main`)
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -20,9 +19,8 @@ from jax.experimental import multihost_utils
 import model
 from model.config import DraftConfig
 from pipeline.errors import UserError
-from train import step as step_lib
 from train.checkpoint import Checkpointer
-from train import memory
+from train import aot, memory
 from train.config import TrainConfig
 from train.guard import (FiniteWatch, NonFiniteError, cache_fingerprint, check_block_fits,
                          check_out_dir, manifest_object)
@@ -112,16 +110,6 @@ def _write_msgpack(out: Path, dcfg, params) -> None:
         os.replace(tmp, out / "draft_params.msgpack")
 
 
-def _abstract_batch(cfg: TrainConfig, manifest, batch_sh) -> dict:
-    """The global batch the loader yields (train/loader.py `_Draw`), as shapes for lowering."""
-    b, t, n = cfg.batch_size, manifest.seq_len, num_anchors_for(manifest, cfg.anchors_per_seq)
-    shapes = {"input_ids": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.uint8),
-              "features": ((b, t, manifest.feature_dim), jnp.bfloat16),
-              "anchors": ((b, n), jnp.int32), "anchor_valid": ((b, n), jnp.bool_)}
-    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
-            for k, (shape, dt) in shapes.items()}
-
-
 def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch_abs):
     """The step's memory (train/memory.py) for this process: compiled step per local device,
     loader buffers and save copies."""
@@ -167,23 +155,15 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     if cfg.batch_size % shards:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {shards}")
     cdt = jnp.dtype(cfg.compute_dtype)
-    frozen_abs = {k: jax.ShapeDtypeStruct((dcfg.vocab_size, dcfg.hidden_size), cdt)
-                  for k in ("embed", "lm_head")}
-    frozen_sh = step_lib.frozen_shardings(mesh, frozen_abs)
-
-    init = functools.partial(step_lib.init_state, cfg, dcfg)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
-    state_sh = step_lib.state_shardings(cfg, dcfg, mesh, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_sh)
-    step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh)
-    batch_sh = step_lib.batch_shardings(mesh)
     # Compile before allocating anything: its memory analysis decides whether the run can fit
-    # (the first real call reuses this compilation).
-    batch_abs = _abstract_batch(cfg, manifest, batch_sh)
-    frozen_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=frozen_sh[k])
-                 for k, v in frozen_abs.items()}
-    compiled = step_fn.lower(abstract, frozen_in, batch_abs).compile()
+    # (the first real call reuses this compilation). tools.tpu_compile compiles this same
+    # program for a TPU topology (train/aot.py).
+    prog = aot.step_program(cfg, dcfg, mesh, seq_len=manifest.seq_len,
+                            feature_dim=manifest.feature_dim,
+                            num_anchors=num_anchors_for(manifest, cfg.anchors_per_seq))
+    init, abstract, state_sh, frozen_sh = prog.init, prog.state, prog.state_sh, prog.frozen_sh
+    step_fn, batch_sh, batch_abs = prog.step_fn, prog.batch_sh, prog.batch
+    compiled = prog.compile()
     estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs)
     memory.check_fits(estimate, cfg)
     if jax.process_index() == 0:

@@ -115,21 +115,37 @@ def host_available_bytes(limit_gb: float | None = None) -> int:
 
 
 def device_free_bytes(devices) -> int | None:
-    """Smallest free memory over `devices` (bytes_limit - bytes_in_use); None when the devices
-    report none (CPU: their memory is the host's)."""
+    """Smallest free memory over `devices` (bytes_limit - bytes_in_use); for a TPU that reports
+    no stats (a topology's devices, compiled for ahead of time) its chip's HBM
+    (train.aot.CHIPS); None when the devices are host RAM (CPU)."""
+    from train.aot import device_hbm_bytes
+
     free = []
     for d in devices:
-        stats = d.memory_stats() if d.platform != "cpu" else None
+        try:
+            stats = d.memory_stats() if d.platform != "cpu" else None
+        except Exception:  # not addressable (a topology device): no runtime to ask
+            stats = None
         if not stats or "bytes_limit" not in stats:
-            return None
+            hbm = device_hbm_bytes(d, devices)
+            if hbm is None:
+                return None
+            free.append(hbm)
+            continue
         free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
     return min(free) if free else None
+
+
+def step_device_bytes(compiled, batch_device_bytes: int) -> int:
+    """What a training step holds per device: the compiled step and the next batch, which the
+    loop places while the step runs. The trainer's check and tools.tpu_compile both use this."""
+    return compiled_device_bytes(compiled) + batch_device_bytes
 
 
 def estimate_memory(compiled, *, batch_device_bytes: int, local_devices: list,
                     loader_bytes: int, state_bytes: int, params_bytes: int,
                     limit_gb: float | None = None) -> MemoryEstimate:
-    step = compiled_device_bytes(compiled) + batch_device_bytes
+    step = step_device_bytes(compiled, batch_device_bytes)
     limit = device_free_bytes(local_devices)
     save = state_bytes + 2 * params_bytes
     host = loader_bytes + save + (step * len(local_devices) if limit is None else 0)

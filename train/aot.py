@@ -1,0 +1,153 @@
+"""The training step as a program compiled ahead of time: the one code path from flags to
+`jit(...).lower(abstract inputs).compile()`, used by the trainer's pre-flight memory check
+(train.loop) and by `tools.tpu_compile`, which compiles it for a TPU topology on a machine
+without one (devices from libtpu's topology description instead of jax.devices()).
+
+    prog = step_program(cfg, dcfg, mesh, seq_len=3072, feature_dim=5 * 2880, num_anchors=512)
+    compiled = prog.compile()          # no array is allocated: every input is abstract
+    memory.step_device_bytes(compiled, prog.batch_device_bytes())
+
+Also the TPU chips this project targets (HBM, bf16 peak) and their topology devices.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pipeline.errors import UserError
+from train import step as step_lib
+from train.config import TrainConfig
+from train.mesh import make_mesh
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int  # per chip, as the vendor states it
+    peak_bf16_flops: float  # per chip, dense bf16 matmul peak
+
+
+# Keyed by jax Device.device_kind, as libtpu reports it. Google Cloud TPU documentation.
+CHIPS = {
+    "TPU v4": Chip("v4", 32 * GiB, 275e12),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12),
+    "TPU v5p": Chip("v5p", 95 * GiB, 459e12),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12),
+    "TPU v6e": Chip("v6e", 32 * GiB, 918e12),
+}
+
+
+def chip_for(device) -> Chip | None:
+    return CHIPS.get(getattr(device, "device_kind", ""))
+
+
+def device_hbm_bytes(device, devices=()) -> int | None:
+    """HBM one device may use: its chip's, split over the devices libtpu places on that chip
+    (same coords: v4 topologies list each TensorCore as a device). None: not a known TPU."""
+    chip = chip_for(device)
+    if chip is None:
+        return None
+    coords = getattr(device, "coords", None)
+    same = sum(1 for d in devices if coords is not None and getattr(d, "coords", None) == coords)
+    return chip.hbm_bytes // max(1, same)
+
+
+def topology_devices(name: str) -> list:
+    """The devices of TPU topology `name` (e.g. "v5e:2x4"), from libtpu, with no TPU attached.
+    One UserError line when libtpu is missing or does not know the name."""
+    try:
+        import libtpu  # noqa: F401  (only its presence matters: the TPU PJRT plugin)
+    except ImportError:
+        raise UserError("libtpu is not installed in this environment: run `make tpu-venv` and use "
+                        ".venv-tpu/bin/python (the main .venv has no libtpu on purpose)") from None
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as e:  # libtpu raises XlaRuntimeError/ValueError with a long text
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), repr(e))
+        raise UserError(f"--topology {name!r}: libtpu cannot build it ({first}); use e.g. "
+                        "v5e:2x2, v5e:2x4, v5p:2x2x1, v6e:2x4, v4:2x2x1") from None
+
+
+@contextlib.contextmanager
+def attention(implementation: str | None):
+    """Trace the draft with this attention implementation (train.step calls
+    model.draft_hidden_train at trace time with the model's default, "xla"); None: unchanged."""
+    import model
+
+    if implementation is None:
+        yield
+        return
+    original = model.draft_hidden_train
+    model.draft_hidden_train = functools.partial(original, implementation=implementation)
+    try:
+        yield
+    finally:
+        model.draft_hidden_train = original
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """The jitted step with its shardings and abstract (sharded) inputs."""
+    step_fn: object
+    init: object  # rng -> fresh unsharded state
+    state: dict  # abstract, sharded
+    frozen: dict
+    batch: dict
+    state_sh: dict
+    frozen_sh: dict
+    batch_sh: dict
+    shards: int  # data x fsdp: the batch split
+
+    def compile(self, implementation: str | None = None):
+        with attention(implementation):
+            return self.step_fn.lower(self.state, self.frozen, self.batch).compile()
+
+    def batch_device_bytes(self) -> int:
+        """One batch's bytes per device (the loop places the next one while a step runs)."""
+        from train.memory import tree_bytes
+        return tree_bytes(self.batch) // self.shards
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def step_program(cfg: TrainConfig, dcfg, mesh, *, seq_len: int, feature_dim: int,
+                 num_anchors: int) -> StepProgram:
+    """train.step's jitted step over `mesh`, with the state, frozen tensors and the batch the
+    loader yields (train/loader.py `_Draw`) as sharded ShapeDtypeStructs."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % shards:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {shards}")
+    cdt = jnp.dtype(cfg.compute_dtype)
+    frozen_abs = {k: jax.ShapeDtypeStruct((dcfg.vocab_size, dcfg.hidden_size), cdt)
+                  for k in ("embed", "lm_head")}
+    frozen_sh = step_lib.frozen_shardings(mesh, frozen_abs)
+    init = functools.partial(step_lib.init_state, cfg, dcfg)
+    state_abs = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
+    state_sh = step_lib.state_shardings(cfg, dcfg, mesh, state_abs)
+    batch_sh = step_lib.batch_shardings(mesh)
+    b = cfg.batch_size
+    shapes = {"input_ids": ((b, seq_len), jnp.int32), "loss_mask": ((b, seq_len), jnp.uint8),
+              "features": ((b, seq_len, feature_dim), jnp.bfloat16),
+              "anchors": ((b, num_anchors), jnp.int32), "anchor_valid": ((b, num_anchors), jnp.bool_)}
+    batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=batch_sh[k]) for k, (s, dt) in shapes.items()}
+    return StepProgram(step_fn=step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh), init=init,
+                       state=_abstract(state_abs, state_sh), frozen=_abstract(frozen_abs, frozen_sh),
+                       batch=batch, state_sh=state_sh, frozen_sh=frozen_sh, batch_sh=batch_sh,
+                       shards=shards)
+
+
+def topology_mesh(spec: str | None, devices: list):
+    """The trainer's mesh (train.mesh.make_mesh: same axes, same default) over topology devices."""
+    return make_mesh(spec, devices)
