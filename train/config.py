@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from model.attention import IMPLEMENTATIONS
+
 # Paper App. A: gamma of the slot-decay weights by block size.
 _GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
 
@@ -48,6 +50,9 @@ class TrainConfig:
     """e.g. "data=2,fsdp=2,tensor=2"; None = data over processes, fsdp over each process's devices."""
     compute_dtype: str = "bfloat16"
     """Activations/matmul dtype; master params and optimizer state stay float32."""
+    attention: str = "auto"
+    """Block-sparse attention implementation (model.attention.IMPLEMENTATIONS); "auto" = the
+    Pallas kernel of the backend (TPU, GPU), "xla" on CPU."""
     remat: bool = False
     """Recompute each draft layer in the backward pass (less activation memory, ~30% more FLOPs)."""
     vocab_chunk: int = 8192
@@ -67,6 +72,17 @@ class TrainConfig:
     """tqdm progress bar on stderr."""
     memory_limit_gb: float | None = None
     """Host memory the run may take, GB (default: MemAvailable, capped by the cgroup limit)."""
+    eval_data: str | None = None
+    """Held-out cache for evaluation (same teacher and layers); None = hold out `eval_fraction`
+    of --data instead. Its first `eval_max` sequences are evaluated."""
+    eval_fraction: float = 0.02
+    """Fraction of --data held out (never trained on) when no --eval-data: at least one
+    sequence, at most `eval_max`; chosen by a pure function of (index, seed) (train/heldout.py)."""
+    eval_max: int = 256
+    """At most this many held-out sequences (each evaluation reads and forwards all of them)."""
+    eval_every: int = 1000
+    """Steps between held-out evaluations (accuracy, loss, simulated tau); the last step always
+    evaluates; 0 = only the last step."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "block_size", "draft_layers", "anchors_per_seq",
@@ -76,12 +92,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.block_size < 2:
             raise ValueError("block_size must be >= 2 (slot 0 is the anchor and carries no loss)")
+        if self.eval_max < 1 or self.eval_every < 0:
+            raise ValueError("eval_max must be >= 1 and eval_every >= 0")
+        if not (math.isfinite(self.eval_fraction) and 0.0 <= self.eval_fraction < 1.0):
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         for name in ("lr", "weight_decay", "b1", "b2", "clip", "gamma", "memory_limit_gb"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, "
+                             f"got {self.attention!r}")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype}")
 
@@ -102,6 +125,6 @@ class TrainConfig:
         """A CPU-sized run for tests: few steps, few anchors, float32 so runs compare exactly."""
         base = dict(steps=20, batch_size=8, block_size=4, draft_layers=1, anchors_per_seq=8,
                     compute_dtype="float32", vocab_chunk=96, token_chunk=64, save_every=10,
-                    log_every=1, read_threads=1, prefetch=4, progress=False)
+                    log_every=1, read_threads=1, prefetch=4, progress=False, eval_fraction=0.0)
         base.update(kw)
         return cls(**base)

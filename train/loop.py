@@ -24,14 +24,17 @@ from train import aot, memory
 from train.config import TrainConfig
 from train.guard import (FiniteWatch, NonFiniteError, cache_fingerprint, check_block_fits,
                          check_out_dir, manifest_object)
+from train.evaluate import Evaluator
+from train.heldout import TrainView, heldout_indices
 from train.loader import make_dataset, num_anchors_for, open_training_cache, to_global
 from train.mesh import make_mesh
+from train.step import attention_implementation
 from train.metrics import MetricsWriter, summarize, truncate_metrics
 from train.teacher_weights import load_embedding_and_head
 
 # TrainConfig fields a rerun may change without changing the computation.
 _FREE_FIELDS = {"progress", "log_every", "read_threads", "prefetch", "save_every",
-                "keep_checkpoints", "out", "data", "memory_limit_gb"}
+                "keep_checkpoints", "out", "data", "memory_limit_gb", "eval_every"}
 
 
 def teacher_config(manifest) -> tuple[Path, dict]:
@@ -126,6 +129,40 @@ def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch
         params_bytes=memory.tree_bytes(abstract["params"]), limit_gb=cfg.memory_limit_gb)
 
 
+def eval_split(cfg: TrainConfig, cache, manifest):
+    """(training cache view, eval cache, held-out indices into the eval cache): --eval-data's
+    first eval_max sequences, or eval_fraction of --data held out of training."""
+    if cfg.eval_data:
+        other = open_training_cache(cfg.eval_data)
+        m = other.manifest
+        mine = (tuple(manifest.layer_ids), manifest.hidden_size, manifest.mask_token_id,
+                manifest.vocab_size)
+        theirs = (tuple(m.layer_ids), m.hidden_size, m.mask_token_id, m.vocab_size)
+        if mine != theirs:
+            raise UserError(f"--eval-data {cfg.eval_data} (layers, hidden, mask id, vocab "
+                            f"{theirs}) was not dumped like --data {cfg.data} ({mine})")
+        return cache, other, np.arange(min(len(other), cfg.eval_max), dtype=np.int64)
+    held = heldout_indices(len(cache), cfg.eval_fraction, cfg.eval_max, cfg.seed)
+    return (TrainView(cache, held) if len(held) else cache), cache, held
+
+
+def _eval_due(cfg: TrainConfig, done: int) -> bool:
+    return done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
+
+
+def _last_rows(path: Path) -> tuple[dict, dict]:
+    """The last training and held-out rows of metrics.jsonl (a rerun of a finished run)."""
+    train_row, eval_row = {}, {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row:
+                train_row = row
+            if "eval_sim_tau" in row:
+                eval_row = row
+    return train_row, eval_row
+
+
 def _write_json(path: Path, obj) -> None:
     if jax.process_index() == 0:
         tmp = path.with_name(path.name + ".tmp")
@@ -149,6 +186,7 @@ def train(cfg: TrainConfig, devices=None) -> dict:
                 "seq_len": manifest.seq_len, "num_records": manifest.num_records,
                 "content": cache_fingerprint(cfg.data, manifest)}
     _check_run_dir(out, cfg, identity, create=False)
+    train_cache, eval_cache, heldout = eval_split(cfg, cache, manifest)
 
     mesh = make_mesh(cfg.mesh, devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -180,7 +218,9 @@ def train(cfg: TrainConfig, devices=None) -> dict:
               for k, v in (("embed", embed), ("lm_head", head))}
     del embed, head  # the host copies are not needed again
 
-    data_it = iter(make_dataset(cache, global_batch=cfg.batch_size,
+    evaluator = (Evaluator(cfg, dcfg, mesh, eval_cache, heldout, state_sh["params"], frozen_sh)
+                 if len(heldout) else None)
+    data_it = iter(make_dataset(train_cache, global_batch=cfg.batch_size,
                                 anchors_per_seq=cfg.anchors_per_seq, seed=cfg.seed,
                                 read_threads=cfg.read_threads, prefetch=cfg.prefetch))
     ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
@@ -200,7 +240,7 @@ def train(cfg: TrainConfig, devices=None) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * manifest.seq_len  # sequence tokens streamed per step
-    last, t_loop, n_run = {}, time.time(), 0
+    last, last_eval, t_loop, n_run = {}, {}, time.time(), 0
     watch, last_saved = FiniteWatch(), start or None
     try:
         for step in range(start, cfg.steps):
@@ -219,6 +259,10 @@ def train(cfg: TrainConfig, devices=None) -> dict:
                 writer.write(done, last)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if evaluator is not None and _eval_due(cfg, done):
+                watch.check(last_saved)  # a non-finite state is not worth evaluating
+                last_eval = evaluator(state["params"], frozen)
+                writer.write(done, last_eval)
             if bar is not None:
                 bar.update(1)
             if done % cfg.save_every == 0 or done == cfg.steps:
@@ -241,10 +285,11 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     if jax.process_index() == 0:
         # Exported in the compute dtype (bf16 by default, as z-lab ships its drafts).
         model.save_draft(out / "export", dcfg, final, dtype=cdt)
-    if not last and (out / "metrics.jsonl").exists():  # rerun of a finished run: report it
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
+    if not last:  # rerun of a finished run: report it
+        last, last_eval = _last_rows(out / "metrics.jsonl")
     return {"steps": cfg.steps, "final_loss": last.get("loss"),
             "expected_tau": last.get("expected_tau"),
             "tokens_per_s": n_run * tokens_per_step / max(elapsed_loop, 1e-9),
-            "seconds": time.time() - t_start, "memory": estimate.to_dict()}
+            "seconds": time.time() - t_start, "memory": estimate.to_dict(),
+            "eval": {k[5:]: v for k, v in last_eval.items() if k.startswith("eval_")} or None,
+            "attention": attention_implementation(cfg)}

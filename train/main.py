@@ -4,7 +4,12 @@
 
 Defaults are the z-lab gpt-oss-20b draft (8 layers, block 8) and the paper's recipe (512 anchors
 per sequence, AdamW 6e-4, 4% warmup + cosine, clip 1.0). Ends by printing one JSON line:
-{"steps", "final_loss", "expected_tau", "tokens_per_s", "seconds", "memory"}.
+{"steps", "final_loss", "expected_tau", "tokens_per_s", "seconds", "memory", "eval"}.
+
+Held-out evaluation: --eval-fraction of the cache (default 2%, at most --eval-max sequences) is
+never trained on, or --eval-data names a separate cache; every --eval-every steps and at the
+end, per-slot accuracy, loss and simulated tau (what greedy serving measures, replayed offline:
+pipeline/simulate.py) on it go to metrics.jsonl (eval_* keys) and TensorBoard (eval/).
 
 Before the first step the compiled step's memory is estimated (train/memory.py, also written to
 <run>/memory.json); a run that cannot fit stops with one line naming the flags that shrink it. A
@@ -38,7 +43,13 @@ _HELP = {
     "seed": "seeds init, per-epoch shuffle and anchor draws",
     "save_every": "steps between checkpoints and draft_params.msgpack",
     "compute_dtype": "bfloat16 or float32 (master params stay float32)",
+    "attention": "attention kernel: auto (Pallas block-sparse on TPU/GPU, xla on CPU), xla, "
+                 "dense, cudnn, pallas_tpu, pallas_gpu",
     "memory_limit_gb": "host memory the run may take in GB (default: what the host has free)",
+    "eval_data": "held-out cache to evaluate on (default: hold out --eval-fraction of --data)",
+    "eval_fraction": "fraction of --data never trained on, evaluated (>= 1 sequence; 0: none)",
+    "eval_max": "at most this many held-out sequences",
+    "eval_every": "steps between held-out evaluations (0: only the last step)",
 }
 _TYPES = {"int": int, "float": float, "str": str}
 

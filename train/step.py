@@ -11,12 +11,16 @@ program as a constant (1.2 GB for gpt-oss), and it must not be donated or checkp
 """
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import model
+from model.attention import resolve_implementation
+from pipeline.errors import UserError
 from train.anchors import block_labels
 from train.config import TrainConfig
 from train.loss import decay_weights, dflash_loss
@@ -81,6 +85,15 @@ def batch_shardings(mesh) -> dict:
             "anchor_valid": batch_sharding(mesh, 2)}
 
 
+def attention_implementation(cfg: TrainConfig) -> str:
+    """cfg.attention resolved for this backend and the compute dtype (UserError when it cannot
+    run here, e.g. pallas_tpu on a CPU)."""
+    try:
+        return resolve_implementation(cfg.attention, jax.default_backend(), cfg.compute_dtype)
+    except ValueError as e:
+        raise UserError(f"--attention {cfg.attention}: {e}") from None
+
+
 def make_step_fn(cfg: TrainConfig, dcfg):
     """The pure step (state, frozen, batch) -> (state, metrics); no jit here."""
     if dcfg.final_logit_softcapping is not None or dcfg.logits_scaling is not None:
@@ -89,13 +102,15 @@ def make_step_fn(cfg: TrainConfig, dcfg):
     schedule = lr_schedule(cfg)
     weights = jnp.asarray(decay_weights(dcfg.block_size, cfg.decay_gamma))
     cdt = jnp.dtype(cfg.compute_dtype)
+    attention = attention_implementation(cfg)
 
     def loss_fn(params, frozen, batch):
         p = jax.tree.map(lambda x: x.astype(cdt), params)
         blocks = model.block_tokens(dcfg, batch["input_ids"], batch["anchors"])
         block_emb = model.embed_block(dcfg, frozen["embed"], blocks)
         hidden = model.draft_hidden_train(dcfg, p, batch["features"].astype(cdt), block_emb,
-                                          batch["anchors"], remat=cfg.remat)
+                                          batch["anchors"], remat=cfg.remat,
+                                          implementation=attention)
         labels, sup = block_labels(batch["input_ids"], batch["loss_mask"], batch["anchors"],
                                    batch["anchor_valid"], dcfg.block_size)
         return dflash_loss(hidden, frozen["lm_head"], labels, sup, weights,
@@ -121,7 +136,11 @@ def make_step_fn(cfg: TrainConfig, dcfg):
 
 
 def jit_step(cfg: TrainConfig, dcfg, mesh, state_sh, frozen_sh):
-    """The step jitted once: explicit in/out shardings, state donated."""
+    """The step jitted once: explicit in/out shardings, state donated. Logs the attention
+    implementation it runs (on process 0)."""
+    if jax.process_index() == 0:
+        print(f"attention: {attention_implementation(cfg)} (--attention {cfg.attention}, "
+              f"{jax.default_backend()}, {cfg.compute_dtype})", file=sys.stderr)
     return jax.jit(make_step_fn(cfg, dcfg),
                    in_shardings=(state_sh, frozen_sh, batch_shardings(mesh)),
                    out_shardings=(state_sh, NamedSharding(mesh, P())),

@@ -196,12 +196,17 @@ def _pow2(x: int) -> bool:
     return x >= 16 and x & (x - 1) == 0
 
 
+def plan_for(q_shape, t: int, hk: int, *, q_blocks=None, block_k=None) -> M.Plan:
+    """The tiling block_sparse_gpu uses: ~128-row q tiles (power of two), 64-key context tiles."""
+    return M.make_plan(q_shape, t, hk, q_blocks=q_blocks, block_k=block_k or 64, q_rows=128,
+                       lane=16, pow2=True)
+
+
 def block_sparse_gpu(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bool, window: int | None,
                      scale: float, q_blocks: int | None = None, block_k: int | None = None,
                      interpret: bool = False):
     """Same contract as model.attention.block_sparse_attention; q_blocks / block_k: tiles."""
-    p = M.make_plan(q.shape, k_ctx.shape[1], k_ctx.shape[2], q_blocks=q_blocks,
-                    block_k=block_k or 64, q_rows=128, lane=16, pow2=True)
+    p = plan_for(q.shape, k_ctx.shape[1], k_ctx.shape[2], q_blocks=q_blocks, block_k=block_k)
     if not all(_pow2(x) for x in (p.tq, p.gb, p.tk, p.d)):
         raise ValueError(f"pallas_gpu needs power-of-two tiles >= 16: q rows {p.tq} "
                          f"(blocks {p.g} x B {p.bs} x heads/kv {p.r}), block keys {p.gb}, "

@@ -249,12 +249,17 @@ def _packed_bwd(p, causal, window, scale, interpret, vmem_limit, res, do):
 _packed.defvjp(_packed_fwd, _packed_bwd)
 
 
+def plan_for(q_shape, t: int, hk: int, *, q_blocks=None, block_k=None) -> M.Plan:
+    """The tiling block_sparse_tpu uses: ~512-row q tiles, 512-key context tiles."""
+    return M.make_plan(q_shape, t, hk, q_blocks=q_blocks, block_k=block_k)
+
+
 def block_sparse_tpu(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bool, window: int | None,
                      scale: float, q_blocks: int | None = None, block_k: int | None = None,
                      interpret: bool = False, vmem_limit_bytes: int = 64 << 20):
     """Same contract as model.attention.block_sparse_attention (shapes in its docstring);
     q_blocks / block_k: tile sizes (model.kernels.mask.make_plan)."""
-    p = M.make_plan(q.shape, k_ctx.shape[1], k_ctx.shape[2], q_blocks=q_blocks, block_k=block_k)
+    p = plan_for(q.shape, k_ctx.shape[1], k_ctx.shape[2], q_blocks=q_blocks, block_k=block_k)
     a = M.pad_anchors(anchors, p)
     ranges = M.tile_ranges(a, p, window).reshape(-1)
     out = _packed(p, causal, window, float(scale), interpret, vmem_limit_bytes, a.reshape(-1),
