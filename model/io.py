@@ -14,6 +14,8 @@ import numpy as np
 
 from model.config import DraftConfig
 from model.draft import param_shapes
+from model.speculators_format import (VERIFIER_OWNED, from_speculators_dict,
+                                      is_speculators_config, to_speculators_dict)
 from pipeline.errors import UserError
 
 MSGPACK_FORMAT = "dflash-tpu-draft/1"
@@ -83,16 +85,27 @@ def _dtype_name(params) -> str:
     return str(jax.tree.leaves(params)[0].dtype)
 
 
-def save_draft(path, config: DraftConfig, params: dict, dtype=None) -> Path:
-    """Write the z-lab format: <path>/config.json and <path>/model.safetensors."""
+FORMATS = ("z-lab", "speculators")
+
+
+def save_draft(path, config: DraftConfig, params: dict, dtype=None, fmt: str = "z-lab",
+               verifier: str | None = None) -> Path:
+    """Write <path>/config.json and <path>/model.safetensors in the z-lab format or the
+    speculators one (same tensors, other config; `verifier` names the target there). The config
+    is built first, so a config the format cannot express (FormatError) writes nothing."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown draft format {fmt!r} (expected one of {FORMATS})")
     if dtype is not None:
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    (path / "config.json").write_text(
-        json.dumps(config.to_hf_dict(dtype=_dtype_name(params)), indent=2) + "\n")
+    if fmt == "speculators":
+        cfg = to_speculators_dict(config, dtype=_dtype_name(params), verifier=verifier)
+    else:
+        cfg = config.to_hf_dict(dtype=_dtype_name(params))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(to_hf_state_dict(config, params), str(path / "model.safetensors"),
               metadata={"format": "pt"})
     return path
@@ -134,16 +147,42 @@ def load_config(path) -> DraftConfig:
     if not cfg.is_file():
         raise UserError(f"{path}: no config.json (expected a z-lab DFlash draft directory)")
     try:
-        return DraftConfig.from_hf_dict(json.loads(cfg.read_text()))
-    except (KeyError, ValueError, TypeError) as e:
+        d = json.loads(cfg.read_text())
+        if is_speculators_config(d):
+            return from_speculators_dict(d, _verifier_depth(d))
+        return DraftConfig.from_hf_dict(d)
+    except (KeyError, ValueError, TypeError) as e:  # FormatError is a ValueError
         raise UserError(f"{cfg}: not a usable DFlash draft config ({e})") from e
 
 
+def _verifier_depth(d: dict) -> int | None:
+    """num_hidden_layers of a speculators config's verifier when it is a local directory."""
+    name = ((d.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path")
+    cfg = Path(name) / "config.json" if name else None
+    if cfg is None or not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("num_hidden_layers")
+
+
+def draft_format(path) -> str:
+    """"speculators" or "z-lab": the format of a draft directory's config.json."""
+    cfg = Path(path) / "config.json"
+    try:
+        return "speculators" if is_speculators_config(json.loads(cfg.read_text())) else "z-lab"
+    except (OSError, ValueError):
+        return "z-lab"
+
+
 def load_draft(path, dtype=None) -> tuple[DraftConfig, dict]:
-    """(config, params) from a z-lab directory; dtype None keeps the stored dtype."""
+    """(config, params) from a z-lab or speculators directory; dtype None keeps the stored
+    dtype. Verifier-owned tensors a speculators checkpoint may hold (embedding, heads) are not
+    draft params and are dropped."""
     path = Path(path)
     config = load_config(path)
-    return config, from_hf_state_dict(config, _read_safetensors(path), dtype=dtype)
+    tensors = _read_safetensors(path)
+    if draft_format(path) == "speculators":
+        tensors = {k: v for k, v in tensors.items() if k not in VERIFIER_OWNED}
+    return config, from_hf_state_dict(config, tensors, dtype=dtype)
 
 
 # ------------------------------------------------------------------ msgpack

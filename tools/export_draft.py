@@ -1,11 +1,15 @@
-"""Convert a draft checkpoint to the z-lab format (config.json + model.safetensors).
+"""Convert a draft checkpoint to the z-lab format (default) or the speculators one.
 
   python -m tools.export_draft SRC OUT [--config CONFIG] [--dtype bfloat16]
+                               [--format z-lab|speculators] [--verifier openai/gpt-oss-20b]
 
 SRC is a training run directory (`train.main --out`: its latest committed Orbax checkpoint), a
 `model.save_msgpack` file, a bare params msgpack (the seed's draft_params.msgpack, with --config),
-or a z-lab directory (re-export, e.g. to change dtype). The result loads with
-`dflash.model.DFlashDraftModel.from_pretrained`, SGLang and vLLM.
+or a z-lab or speculators directory (re-export, e.g. to change dtype or format). A z-lab result
+loads with `dflash.model.DFlashDraftModel.from_pretrained`, SGLang and vLLM; a speculators one
+with `speculators.models.dflash.DFlashDraftModel.from_pretrained` and vLLM (`--verifier` names
+the target there). A config the chosen format cannot express is refused before anything is
+written.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from model.config import DraftConfig
-from model.io import CheckpointError, load_config, load_draft, load_msgpack, save_draft
+from model.io import FORMATS, CheckpointError, load_config, load_draft, load_msgpack, save_draft
+from model.speculators_format import FormatError
 from pipeline.errors import UserError
 
 
@@ -56,7 +61,7 @@ def _load_run_dir(path: Path, config: DraftConfig | None):
 LOADERS: list[tuple[str, Callable[[Path], bool], Callable]] = [
     ("training run", _is_run_dir, _load_run_dir),
     ("msgpack", lambda p: p.is_file() and p.suffix == ".msgpack", load_msgpack),
-    ("z-lab", _is_zlab, _load_zlab),
+    ("z-lab or speculators", _is_zlab, _load_zlab),
 ]
 
 
@@ -72,25 +77,31 @@ def load_params(src, config: DraftConfig | None = None):
     raise UserError(f"{src}: not a draft checkpoint this tool knows ({kinds})")
 
 
-def export(src, out, config_path=None, dtype: str | None = None) -> Path:
-    """Load SRC (config from config_path when given) and write the z-lab format to OUT."""
+def export(src, out, config_path=None, dtype: str | None = None, fmt: str = "z-lab",
+           verifier: str | None = None) -> Path:
+    """Load SRC (config from config_path when given) and write format `fmt` to OUT."""
     config = load_config(config_path) if config_path else None
     config, params = load_params(src, config)
-    return save_draft(out, config, params, dtype=dtype)
+    return save_draft(out, config, params, dtype=dtype, fmt=fmt, verifier=verifier)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.export_draft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="training run directory, msgpack file or z-lab directory")
+    ap.add_argument("src", help="training run directory, msgpack file, z-lab or speculators "
+                    "directory")
     ap.add_argument("out", help="output directory (created)")
     ap.add_argument("--config", help="z-lab config.json (or its directory) for a bare msgpack")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="weight dtype to write (default: as stored)")
+    ap.add_argument("--format", choices=FORMATS, default="z-lab", dest="fmt",
+                    help="checkpoint format to write (default: z-lab)")
+    ap.add_argument("--verifier", default=None,
+                    help="speculators format: the target's name or path, stored as its verifier")
     args = ap.parse_args(argv)
     try:
-        path = export(args.src, args.out, args.config, args.dtype)
-    except (UserError, CheckpointError, OSError) as e:  # OSError: e.g. OUT is an existing file, disk full
+        path = export(args.src, args.out, args.config, args.dtype, args.fmt, args.verifier)
+    except (UserError, CheckpointError, FormatError, OSError) as e:  # OSError: e.g. OUT is an existing file, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
