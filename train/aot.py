@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +68,12 @@ def topology_devices(name: str) -> list:
     except ImportError:
         raise UserError("libtpu is not installed in this environment: run `make tpu-venv` and use "
                         ".venv-tpu/bin/python (the main .venv has no libtpu on purpose)") from None
+    import os
     from jax.experimental import topologies
 
+    # libtpu takes a machine-wide lock at start-up (/tmp/libtpu_lockfile), meant for the chips
+    # of a TPU VM; with no chip attached it only serialises compiles, so let them run side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # libtpu raises XlaRuntimeError/ValueError with a long text
@@ -78,20 +83,19 @@ def topology_devices(name: str) -> list:
 
 
 @contextlib.contextmanager
-def attention(implementation: str | None):
-    """Trace the draft with this attention implementation (train.step calls
-    model.draft_hidden_train at trace time with the model's default, "xla"); None: unchanged."""
-    import model
-
-    if implementation is None:
+def target_backend(platform: str):
+    """Make jax.default_backend() name the platform the program is compiled for while it is
+    traced: train.step resolves --attention (auto -> pallas_tpu on TPU) by the default backend,
+    which on a machine compiling for a TPU topology is the CPU. A no-op when they agree."""
+    original = jax.default_backend
+    if original() == platform:
         yield
         return
-    original = model.draft_hidden_train
-    model.draft_hidden_train = functools.partial(original, implementation=implementation)
+    jax.default_backend = lambda: platform
     try:
         yield
     finally:
-        model.draft_hidden_train = original
+        jax.default_backend = original
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,15 +110,16 @@ class StepProgram:
     frozen_sh: dict
     batch_sh: dict
     shards: int  # data x fsdp: the batch split
+    platform: str  # of the mesh's devices: what the program is compiled for
 
-    def compile(self, implementation: str | None = None):
-        with attention(implementation):
+    def compile(self):
+        with target_backend(self.platform):
             return self.step_fn.lower(self.state, self.frozen, self.batch).compile()
 
     def batch_device_bytes(self) -> int:
         """One batch's bytes per device (the loop places the next one while a step runs)."""
-        from train.memory import tree_bytes
-        return tree_bytes(self.batch) // self.shards
+        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                   for x in self.batch.values()) // self.shards
 
 
 def _abstract(tree, shardings):
@@ -142,7 +147,10 @@ def step_program(cfg: TrainConfig, dcfg, mesh, *, seq_len: int, feature_dim: int
               "features": ((b, seq_len, feature_dim), jnp.bfloat16),
               "anchors": ((b, num_anchors), jnp.int32), "anchor_valid": ((b, num_anchors), jnp.bool_)}
     batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=batch_sh[k]) for k, (s, dt) in shapes.items()}
-    return StepProgram(step_fn=step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh), init=init,
+    platform = mesh.devices.flat[0].platform
+    with target_backend(platform):
+        step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh)
+    return StepProgram(step_fn=step_fn, init=init, platform=platform,
                        state=_abstract(state_abs, state_sh), frozen=_abstract(frozen_abs, frozen_sh),
                        batch=batch, state_sh=state_sh, frozen_sh=frozen_sh, batch_sh=batch_sh,
                        shards=shards)
