@@ -10,6 +10,7 @@ Shapes: b batch, N blocks, B block size, T context length, Hq query heads, Hk kv
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -77,12 +78,17 @@ def block_sparse_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bo
         FLOPs 4*N*B*(T+B)*F. Sliding layers gather only the window-1 context keys before each
         anchor, so their cost is 4*N*B*(window-1+B)*F.
       "auto": resolve_implementation(name, jax.default_backend(), q.dtype).
-      "pallas_tpu": block-sparse Pallas TPU kernel (model.kernels.block_sparse_tpu), forward and
-        backward: per q tile of `chunk_blocks` blocks it visits only the context tiles of
-        `block_k` keys below the tile's anchors, so FLOPs follow the visible mask,
-        ~4*B*F*sum_n(a_n + B) plus at most one partial tile per q tile (fwd; bwd ~2.5x).
-      "pallas_gpu": the same tiling as a Pallas Triton kernel (model.kernels.block_sparse_gpu).
-      interpret=True runs either Pallas kernel in interpret mode (CPU tests).
+      "pallas_tpu" (the trainer's "auto" on TPU): block-sparse Pallas TPU kernel
+        (model.kernels.block_sparse_tpu), forward and fused backward. Per q tile of
+        `chunk_blocks` blocks (default ~512 rows of blocks x offsets x the query heads of one kv
+        head) it visits only the context tiles of `block_k` keys (default 512) its anchors can
+        see, so FLOPs follow the visible mask: ~4*B*F*sum_n(a_n + B) plus about one partial
+        tile per q tile (fwd; bwd 2.5x). The whole context K/V of one (sequence, kv head) sits
+        in VMEM (T*D*2 bytes each, 0.4 MiB at T=3072, D=64).
+      "pallas_gpu" (the trainer's "auto" on GPU): the same tiling as a Pallas Triton kernel
+        (model.kernels.block_sparse_gpu; ~128-row q tiles, 64-key context tiles).
+      Both run per shard under a mesh in context (_per_shard); interpret=True runs them in
+      Pallas interpret mode (CPU tests).
       "dense": one [N*B, T+N*B] boolean mask through XLA (jax.nn.dot_product_attention): simple,
         4*N*B*(T+N*B)*F FLOPs and the whole score matrix in memory; a test oracle and fallback.
       "cudnn": the same dense mask through cuDNN flash attention (GPU, bf16/fp16): scores never
@@ -92,9 +98,10 @@ def block_sparse_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bo
     if implementation == "auto":
         implementation = resolve_implementation("auto", jax.default_backend(), q.dtype)
     if implementation in _KERNELS:
-        kernel = _KERNELS[implementation]()
-        return kernel(q, k_ctx, v_ctx, k_blk, v_blk, anchors, causal=causal, window=window,
-                      scale=scale, q_blocks=chunk_blocks, block_k=block_k, interpret=interpret)
+        kernel = functools.partial(_KERNELS[implementation](), causal=causal, window=window,
+                                   scale=scale, q_blocks=chunk_blocks, block_k=block_k,
+                                   interpret=interpret)
+        return _per_shard(kernel, q, k_ctx, v_ctx, k_blk, v_blk, anchors)
     if implementation in ("dense", "cudnn"):
         return _dense_masked(q, k_ctx, v_ctx, k_blk, v_blk, anchors, causal=causal,
                              window=window, scale=scale,
@@ -103,6 +110,37 @@ def block_sparse_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchors, *, causal: bo
         raise ValueError(f"unknown attention implementation {implementation!r}")
     return _split_chunked(q, k_ctx, v_ctx, k_blk, v_blk, anchors, causal=causal, window=window,
                           scale=scale, chunk_blocks=chunk_blocks)
+
+
+HEAD_AXES = ("tensor",)  # mesh axes that split attention heads; every other axis splits batch
+
+
+def _per_shard(kernel, q, k_ctx, v_ctx, k_blk, v_blk, anchors):
+    """Run a Pallas kernel once per device on its own shard. XLA cannot partition a Pallas
+    custom call: under jit with sharded operands it would gather them and run the whole batch
+    on every device. With a mesh in context (jax.sharding.use_abstract_mesh, as train.step sets
+    it) the batch is split over the mesh axes not in HEAD_AXES (those that divide it) and the
+    kv heads over HEAD_AXES (when they divide them); attention is independent per sequence and
+    per kv-head group, so each shard's result is exact."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k_ctx, v_ctx, k_blk, v_blk, anchors)
+    P = jax.sharding.PartitionSpec
+
+    def take(names, dim):
+        taken, size = [], 1
+        for a in names:
+            if mesh.shape[a] > 1 and dim % (size * mesh.shape[a]) == 0:
+                taken.append(a)
+                size *= mesh.shape[a]
+        return tuple(taken) or None
+
+    batch = take([a for a in mesh.axis_names if a not in HEAD_AXES], q.shape[0])
+    heads = take([a for a in mesh.axis_names if a in HEAD_AXES], k_ctx.shape[2])
+    blk = P(batch, None, None, heads, None)
+    ctx = P(batch, None, heads, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(blk, ctx, ctx, blk, blk, P(batch, None)),
+                         out_specs=blk, check_vma=False)(q, k_ctx, v_ctx, k_blk, v_blk, anchors)
 
 
 def _tpu_kernel():

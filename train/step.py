@@ -141,7 +141,13 @@ def jit_step(cfg: TrainConfig, dcfg, mesh, state_sh, frozen_sh):
     if jax.process_index() == 0:
         print(f"attention: {attention_implementation(cfg)} (--attention {cfg.attention}, "
               f"{jax.default_backend()}, {cfg.compute_dtype})", file=sys.stderr)
-    return jax.jit(make_step_fn(cfg, dcfg),
+    step_fn = make_step_fn(cfg, dcfg)
+
+    def traced(state, frozen, batch):  # the mesh in context: Pallas attention runs per shard
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, frozen, batch)
+
+    return jax.jit(traced,
                    in_shardings=(state_sh, frozen_sh, batch_shardings(mesh)),
                    out_shardings=(state_sh, NamedSharding(mesh, P())),
                    donate_argnums=(0,))
