@@ -5,6 +5,13 @@ reference output and the AR speed), DFlash speculative decoding with each draft,
 prompt-lookup baseline with the same block size; then it reports mean tau, the histogram of
 accepted lengths, per-slot acceptance, target forwards per token, tokens/s, and `lossless`
 (every greedy speculative output equals the AR output token for token).
+
+`simulate` (greedy only) also replays each DFlash draft offline on the AR outputs
+(`pipeline.simulate`: one training-form forward over prompt + output, features from one
+full-sequence forward of the same target): `sim_tau` next to `tau`, and `sim_matches` = every
+prompt's simulated accepted lengths equal the decoded ones, step for step. A mismatch means the
+served draft is not the trained one (a dropped config field, a position offset, a wrong layer),
+or an argmax tie broken differently by the two forms' float rounding.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ class SpecConfig:
     extra_drafts: tuple = ()  # ((label, export dir), ...) compared on the same prompts
     ngram: bool = True  # also run the n-gram prompt-lookup baseline
     label: str = "dflash"  # name of the main draft in the table and report["drafts"]
+    simulate: bool = False  # also report simulated tau (pipeline.simulate) per DFlash draft
 
 
 def build_target(model_dir: Path, layer_ids, naive: bool):
@@ -163,6 +171,13 @@ def run(cfg: SpecConfig, log=print) -> dict:
     for label, gens in results.items():
         per[label] = summarize(gens, block)
         per[label]["lossless"] = all(g.tokens == a.tokens for g, a in zip(gens, ar)) if greedy else None
+    if cfg.simulate and greedy:
+        for label, path in drafts:
+            sims = simulated_steps(path, block, target, embedding, lm_head, prompts, ar)
+            lengths = [x for steps in sims for x in steps]
+            per[label]["sim_tau"] = round(float(np.mean(lengths)), 4) if lengths else None
+            per[label]["sim_matches"] = all(
+                steps == g.accept_lengths for steps, g in zip(sims, results[label]))
     main = per[cfg.label]
     ar_secs = sum(g.seconds for g in ar)
     return {"tau": main["tau"], "lossless": main["lossless"] if greedy else None,
@@ -174,16 +189,49 @@ def run(cfg: SpecConfig, log=print) -> dict:
             "all_lossless": all(v["lossless"] for v in per.values()) if greedy else None,
             "block_size": block, "temperature": cfg.temperature, "prompts": len(prompts),
             "max_new_tokens": cfg.max_new_tokens, "mode": "naive" if cfg.naive else "cached",
+            "sim_tau": main.get("sim_tau"), "sim_matches": main.get("sim_matches"),
             "drafts": per}
+
+
+def simulated_steps(export, block: int, target, embedding, lm_head, prompts, ar) -> list:
+    """Per prompt, the accepted lengths `pipeline.simulate` predicts for the draft at `export`
+    on prompt + its greedy AR output (the generated region is the output)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from model.io import load_draft
+    from pipeline.simulate import simulate_sequence
+    from pipeline.target_cached import bucket
+
+    config, params = load_draft(export, dtype=jnp.float32)
+    config = dataclasses.replace(config, block_size=block)
+    out = []
+    for prompt, gen in zip(prompts, ar):
+        ids = np.asarray(list(prompt) + list(gen.tokens), np.int32)
+        pad = bucket(len(ids), 64)
+        target.reset(pad)
+        _, feats = target.run(ids, 0, len(ids), pad)
+        mask = np.zeros(len(ids), np.uint8)
+        mask[len(prompt):] = 1
+        out.append(simulate_sequence(config, params, embedding, lm_head, ids, mask,
+                                     np.asarray(feats, np.float32), pad_to=pad))
+    return out
 
 
 def format_table(report: dict) -> str:
     """Human table: one row per proposer (drafts, n-gram) plus plain AR."""
-    rows = [("proposer", "tau", "fwd/token", "tokens/s", "lossless", "accepted-length histogram")]
+    sim = report.get("sim_tau") is not None
+    rows = [("proposer", "tau") + (("simulated tau",) if sim else ())
+            + ("fwd/token", "tokens/s", "lossless", "accepted-length histogram")]
     for label, r in report["drafts"].items():
-        rows.append((label, f"{r['tau']:.3f}", f"{r['target_forwards_per_token']:.3f}",
-                     f"{r['tokens_per_s']}", str(r["lossless"]), " ".join(map(str, r["accept_hist"]))))
-    rows.append(("AR (target only)", "1.000", "1.000", f"{report['ar_tokens_per_s']}", "-", "-"))
+        sim_cell = (("-" if r.get("sim_tau") is None else
+                     f"{r['sim_tau']:.3f}" + ("" if r["sim_matches"] else " (differs)"),) if sim else ())
+        rows.append((label, f"{r['tau']:.3f}") + sim_cell
+                    + (f"{r['target_forwards_per_token']:.3f}", f"{r['tokens_per_s']}",
+                       str(r["lossless"]), " ".join(map(str, r["accept_hist"]))))
+    rows.append(("AR (target only)", "1.000") + (("-",) if sim else ())
+                + ("1.000", f"{report['ar_tokens_per_s']}", "-", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     slot = report["slot_accept"]

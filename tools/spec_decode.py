@@ -4,7 +4,8 @@
     python -m tools.spec_decode --draft <run>/export --model <snapshot> --prompts p.jsonl --naive
 
 Prints a table and, last, one JSON line (keys: tau, lossless, ngram_tau, tokens_per_s,
-ar_tokens_per_s, accept_hist, slot_accept, target_forwards_per_token, drafts, ...).
+ar_tokens_per_s, accept_hist, slot_accept, target_forwards_per_token, drafts, ...; with
+--simulate also sim_tau and sim_matches: served equals offline).
 Exit status 1 when a greedy run was not lossless.
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ def parse(argv=None):
                     help="another draft export to run on the same prompts (repeatable)")
     ap.add_argument("--label", default="dflash", help="name of --draft in the table")
     ap.add_argument("--no-ngram", action="store_true", help="skip the n-gram prompt-lookup baseline")
+    ap.add_argument("--simulate", action="store_true",
+                    help="greedy: also print simulated tau (one training-form forward over each "
+                         "greedy output, pipeline.simulate) and whether it matches, step for step")
     a = ap.parse_args(argv)
     extra = []
     for item in a.compare_draft:
@@ -45,7 +49,8 @@ def parse(argv=None):
     return SpecConfig(draft=a.draft, model=a.model, prompts=a.prompts, max_new_tokens=a.max_new_tokens,
                       block_size=a.block_size, temperature=a.temperature, seed=a.seed, naive=a.naive,
                       limit=a.limit, stop_at_eos=a.stop_at_eos, extra_drafts=tuple(extra),
-                      ngram=not a.no_ngram, label=a.label)
+                      ngram=not a.no_ngram, label=a.label,
+                      simulate=a.simulate)
 
 
 def main(argv=None) -> int:

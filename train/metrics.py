@@ -1,5 +1,7 @@
 """Training metrics: per-slot top-1 accuracy, the acceptance length it implies, and where they go
-(metrics.jsonl in the run dir, TensorBoard events via tensorboardX when it is installed).
+(metrics.jsonl in the run dir, TensorBoard events via tensorboardX when it is installed). Held-out
+evaluations (train/evaluate.py) are lines of their own whose keys start with eval_ (TensorBoard:
+eval/...).
 """
 from __future__ import annotations
 
@@ -77,9 +79,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
-        if self._tb is not None:
+        if self._tb is not None:  # held-out figures (eval_*) under eval/, beside train/
             for k, v in metrics.items():
-                self._tb.add_scalar(f"train/{k}", v, int(step))
+                if v is not None:
+                    tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+                    self._tb.add_scalar(tag, v, int(step))
 
     def close(self) -> None:
         if self._jsonl is not None:
