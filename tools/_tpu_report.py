@@ -90,6 +90,15 @@ def memory_row(compiled, extra_device_bytes: int, hbm: int | None) -> dict:
     return row
 
 
+def oom_row(e, hbm: int | None) -> dict:
+    """The memory row of a program the TPU compiler refused for exceeding HBM."""
+    used = e.used
+    return {"arguments": None, "temp": None, "output": None, "alias": None, "code": None,
+            "next_batch": None, "total": used, "hbm": e.available or hbm, "fits": False,
+            "margin": None if used is None else int((e.available or hbm) - used),
+            "compile_error": str(e)}
+
+
 def _xla_flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
@@ -130,7 +139,12 @@ def draft_report(opts) -> dict:
     with aot.target_backend(prog.platform):
         resolved = step_lib.attention_implementation(cfg)
     t0 = time.perf_counter()
-    compiled = prog.compile()
+    hbm = aot.device_hbm_bytes(devices[0], devices)
+    try:
+        compiled = prog.compile()
+        mem, flops_xla = memory_row(compiled, prog.batch_device_bytes(), hbm), _xla_flops(compiled)
+    except aot.DoesNotFit as e:  # the TPU compiler refuses what exceeds HBM: no analysis then
+        mem, flops_xla = oom_row(e, hbm), None
     seconds = time.perf_counter() - t0
     chip = aot.chip_for(devices[0])
     row = {"program": "draft_step", "topology": opts.topology, "teacher": opts.teacher,
@@ -138,9 +152,7 @@ def draft_report(opts) -> dict:
            "anchors_per_seq": n, "block_size": cfg.block_size, "draft_layers": cfg.draft_layers,
            "remat": cfg.remat, "attention": opts.attention,
            "attention_resolved": resolved, "compile_s": round(seconds, 1),
-           "memory": memory_row(compiled, prog.batch_device_bytes(),
-                                aot.device_hbm_bytes(devices[0], devices)),
-           "xla_flops": _xla_flops(compiled), **_peak(devices, chip)}
+           "memory": mem, "xla_flops": flops_xla, **_peak(devices, chip)}
     # Anchors spread evenly over the sequence: the expected visible context of a uniform draw.
     anchors = np.broadcast_to(np.linspace(0, opts.seq_len - cfg.block_size, n).astype(np.int64),
                               (cfg.batch_size, n))
@@ -185,6 +197,8 @@ def format_table(row: dict) -> str:
     lines = [f"{row['program']} on {row['topology']} ({row['chips']} x {row['chip']}), "
              f"mesh {row['mesh']}, compiled in {row['compile_s']} s",
              "per chip:  arguments  temp  output (aliased)  code  next batch  = total / HBM"]
+    if m.get("compile_error"):
+        lines.append(f"  XLA refused it: {m['compile_error']}")
     lines.append(f"  {_g(m['arguments'])}  {_g(m['temp'])}  {_g(m['output'])} "
                  f"({_g(m['alias'])})  {_g(m['code'])}  {_g(m['next_batch'])}  = "
                  f"{_g(m['total'])} / {_g(m['hbm'])}: {fit}")

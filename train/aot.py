@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,31 @@ def target_backend(platform: str):
         jax.default_backend = original
 
 
+class DoesNotFit(Exception):
+    """XLA:TPU refuses to compile a program that exceeds HBM (RESOURCE_EXHAUSTED, "Ran out of
+    memory in memory space hbm"); there is then no memory analysis, only its message."""
+
+    def __init__(self, message: str, used: int | None, available: int | None):
+        super().__init__(message)
+        self.used, self.available = used, available
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _oom(message: str) -> DoesNotFit | None:
+    if "Ran out of memory" not in message and "RESOURCE_EXHAUSTED" not in message:
+        return None
+    m = re.search(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", message)
+    used = avail = None
+    if m:
+        used = int(float(m.group(1)) * _UNITS[m.group(2)])
+        avail = int(float(m.group(3)) * _UNITS[m.group(4)])
+    first = next((ln.strip() for ln in message.splitlines() if "memory" in ln.lower()),
+                 message.splitlines()[0] if message else "")
+    return DoesNotFit(first[:300], used, avail)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepProgram:
     """The jitted step with its shardings and abstract (sharded) inputs."""
@@ -113,8 +139,16 @@ class StepProgram:
     platform: str  # of the mesh's devices: what the program is compiled for
 
     def compile(self):
+        """The compiled step; DoesNotFit when the TPU compiler finds it exceeds HBM."""
         with target_backend(self.platform):
-            return self.step_fn.lower(self.state, self.frozen, self.batch).compile()
+            lowered = self.step_fn.lower(self.state, self.frozen, self.batch)
+            try:
+                return lowered.compile()
+            except Exception as e:  # XlaRuntimeError; anything but an OOM propagates
+                oom = _oom(str(e))
+                if oom is None:
+                    raise
+                raise oom from None
 
     def batch_device_bytes(self) -> int:
         """One batch's bytes per device (the loop places the next one while a step runs)."""
@@ -154,6 +188,19 @@ def step_program(cfg: TrainConfig, dcfg, mesh, *, seq_len: int, feature_dim: int
                        state=_abstract(state_abs, state_sh), frozen=_abstract(frozen_abs, frozen_sh),
                        batch=batch, state_sh=state_sh, frozen_sh=frozen_sh, batch_sh=batch_sh,
                        shards=shards)
+
+
+def compile_or_refuse(prog: StepProgram, cfg: TrainConfig):
+    """prog.compile(), or the trainer's one-line refusal when the compiler finds it cannot fit."""
+    try:
+        return prog.compile()
+    except DoesNotFit as e:
+        need = (f"needs {e.used / 1e9:.2f} GB per device, {e.available / 1e9:.2f} GB of HBM"
+                if e.used is not None else f"exceeds device memory ({e})")
+        remat = "" if cfg.remat else " or --remat"
+        raise UserError(f"the training step will not fit in memory: it {need}; shrink it with "
+                        f"--batch-size (now {cfg.batch_size}), --anchors-per-seq (now "
+                        f"{cfg.anchors_per_seq}){remat}") from None
 
 
 def topology_mesh(spec: str | None, devices: list):

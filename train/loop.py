@@ -201,7 +201,7 @@ def train(cfg: TrainConfig, devices=None) -> dict:
                             num_anchors=num_anchors_for(manifest, cfg.anchors_per_seq))
     init, abstract, state_sh, frozen_sh = prog.init, prog.state, prog.state_sh, prog.frozen_sh
     step_fn, batch_sh, batch_abs = prog.step_fn, prog.batch_sh, prog.batch
-    compiled = prog.compile()
+    compiled = aot.compile_or_refuse(prog, cfg)  # a TPU compile refuses an HBM overflow
     estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs)
     memory.check_fits(estimate, cfg)
     if jax.process_index() == 0:
