@@ -7,7 +7,7 @@ Sources (`iter_sequences(source, ...)`):
   GLOB           e.g. "data/*.jsonl" (sorted matches)
   FILE           .txt/.py (plain text), .jsonl (one {"text": ...}, {"messages": [...]} or
                  {"prompt": ..., "completion": ...} per line), .parquet (a `text` or `messages`
-                 column)
+                 column, or `prompt` + `completion`)
 Plain text is supervised everywhere (loss_mask 1) and each document ends with `<|endoftext|>`.
 A prompt/completion pair (what `pipeline.regenerate` writes for plain-text prompts) supervises
 only the completion's tokens; the prompt and completion are tokenized separately so the boundary
@@ -15,7 +15,10 @@ is exact (or taken verbatim from `prompt_ids` / `completion_ids` when the record
 text need not re-encode to the generated tokens), and an unsupervised `<|endoftext|>` follows
 unless the completion already ends with it.
 Chats are rendered with the tokenizer's chat template (harmony for gpt-oss) and only what the
-assistant writes is supervised. Documents are packed back to back and cut into rows of seq_len;
+assistant writes is supervised. A chat that carries `prompt_ids` + `completion_ids` (what
+`pipeline.regenerate` writes: the rendered prompt and the generated tokens) is taken verbatim
+instead, the completion supervised, so the mask covers exactly the generated tokens even when
+their decoded text re-encodes differently; its `messages` are for people and other tools. Documents are packed back to back and cut into rows of seq_len;
 a final partial row is padded (loss_mask 0) if it holds at least min_len tokens.
 Bad data raises UserError naming the file and line (or row).
 """
@@ -28,12 +31,15 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import chat, corpus
+from pipeline import chat
+
+from pipeline import corpus
 from pipeline.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".py")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 DOC_SEPARATOR = "<|endoftext|>"  # gpt-oss's document separator (its pad token)
+COLUMNS = ("text", "messages", "prompt", "completion", "prompt_ids", "completion_ids")  # tables
 
 
 def resolve_source(source: str | Path | None) -> list[tuple[str, Path | str]]:
@@ -88,27 +94,36 @@ def _decode(data: bytes, path: Path, line_offset: int = 0) -> str:
         raise UserError(f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x})") from None
 
 
+def _token_ids(obj, where: str):
+    """(prompt_ids, completion_ids) of a record that carries them, else None."""
+    ids = obj.get("prompt_ids"), obj.get("completion_ids")
+    if ids == (None, None):
+        return None
+    if not all(isinstance(x, list) and all(type(t) is int and t >= 0 for t in x) for x in ids) \
+            or not ids[1]:
+        raise UserError(f"{where}: 'prompt_ids' and 'completion_ids' must be lists of token "
+                        "ids, the completion non-empty")
+    return ids
+
+
 def _record(obj, where: str, require_assistant: bool = True):
     """Validate one {"text"}, {"messages"} or {"prompt", "completion"} record -> ("text", str),
-    ("chat", list) or ("completion", (prompt, completion))."""
+    ("chat", list), ("chat_ids", (messages, prompt_ids, completion_ids)) or
+    ("completion", (prompt, completion))."""
     if not isinstance(obj, dict) or not ({"text", "messages", "completion"} & obj.keys()):
         raise UserError(f"{where}: expected an object with a 'text', a 'messages' or a "
                         "'prompt' + 'completion' field")
     if "messages" in obj and obj["messages"] is not None:
-        return "chat", chat.validate_messages(obj["messages"], where, require_assistant)
+        messages = chat.validate_messages(obj["messages"], where, require_assistant)
+        ids = _token_ids(obj, where)  # the exact tokens (a decoded text need not re-encode to them)
+        return ("chat", messages) if ids is None else ("chat_ids", (messages, *ids))
     if obj.get("completion") is not None:
         pair = obj.get("prompt"), obj["completion"]
         if not all(isinstance(x, str) for x in pair) or not pair[1]:
             raise UserError(f"{where}: 'prompt' and 'completion' must be strings, the completion "
                             "non-empty")
-        ids = obj.get("prompt_ids"), obj.get("completion_ids")
-        if ids != (None, None):  # the exact tokens (a decoded text need not re-encode to them)
-            if not all(isinstance(x, list) and all(type(t) is int and t >= 0 for t in x) for x in ids) \
-                    or not ids[1]:
-                raise UserError(f"{where}: 'prompt_ids' and 'completion_ids' must be lists of token "
-                                "ids, the completion non-empty")
-            return "completion", ids
-        return "completion", pair
+        ids = _token_ids(obj, where)  # the exact tokens (a decoded text need not re-encode to them)
+        return ("completion", pair) if ids is None else ("completion", ids)
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"{where}: 'text' is empty or not a string")
@@ -117,8 +132,9 @@ def _record(obj, where: str, require_assistant: bool = True):
 
 def iter_records(source: str | Path | None = None, *, require_assistant: bool = True
                  ) -> Iterator[tuple[str, str, object]]:
-    """(where, kind, payload) for each document, kind "text" (payload str), "chat" (messages) or
-    "completion" ((prompt, completion)); chats without an assistant turn are refused unless
+    """(where, kind, payload) for each document, kind "text" (payload str), "chat" (messages),
+    "chat_ids" ((messages, prompt_ids, completion_ids)) or "completion" ((prompt, completion),
+    strings or id lists); chats without an assistant turn are refused unless
     `require_assistant` is False (regeneration prompts)."""
     for kind, loc in resolve_source(source):
         if kind == "builtin":
@@ -162,9 +178,10 @@ def _table_rows(kind: str, loc: Path) -> Iterator[dict]:
             pf = pq.ParquetFile(loc)
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise UserError(f"{loc}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        cols = [c for c in ("text", "messages", "prompt", "completion") if c in pf.schema_arrow.names]
-        if not cols:
-            raise UserError(f"{loc}: parquet file has neither a 'text' nor a 'messages' column")
+        cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
+        if not set(cols) & {"text", "messages", "completion"}:
+            raise UserError(f"{loc}: parquet file has neither a 'text', a 'messages' nor a "
+                            "'completion' column")
         for batch in pf.iter_batches(columns=cols, batch_size=1024):
             yield from batch.to_pylist()
         return
@@ -174,9 +191,9 @@ def _table_rows(kind: str, loc: Path) -> Iterator[dict]:
         raise UserError(f"{loc} is a saved `datasets` dataset but the datasets package is not "
                         "installed (pip install datasets)") from None
     ds = datasets.load_from_disk(str(loc))
-    cols = [c for c in ("text", "messages", "prompt", "completion") if c in ds.column_names]
-    if not cols:
-        raise UserError(f"{loc}: dataset has neither a 'text' nor a 'messages' column")
+    cols = [c for c in COLUMNS if c in ds.column_names]
+    if not set(cols) & {"text", "messages", "completion"}:
+        raise UserError(f"{loc}: dataset has neither a 'text', a 'messages' nor a 'completion' column")
     yield from ds.select_columns(cols)
 
 
@@ -184,6 +201,9 @@ def encode_record(tokenizer, where: str, kind: str, payload) -> tuple[list[int],
     """Token ids and loss mask of one document (text gets a trailing document separator)."""
     if kind == "chat":
         return chat.render_with_mask(tokenizer, payload, where)
+    if kind == "chat_ids":  # the template's end token is in the completion when the teacher wrote it
+        _, prompt, completion = payload
+        return list(prompt) + list(completion), [0] * len(prompt) + [1] * len(completion)
     encode = lambda text: list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # noqa: E731
     sep = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
     if sep is None or sep == tokenizer.unk_token_id:

@@ -6,9 +6,11 @@ text files / builtin corpus splits), so regeneration takes exactly what the dump
   chat (`messages`)   the turns before the first assistant turn are the prompt; the teacher writes
                       the assistant turn. The prompt is the chat template's rendering of those
                       turns plus an assistant turn up to where its content starts (for harmony:
-                      `<|start|>assistant<|channel|>final<|message|>`), found with a sentinel. So
-                      the dump, rendering the written record, supervises exactly the generated
-                      content and the end token the template appends (`<|return|>`).
+                      `<|start|>assistant<|channel|>final<|message|>`), found with a sentinel. The
+                      record is {"messages" (the decoded turn appended), "prompt_ids",
+                      "completion_ids" (the generated tokens, the end token included)}: the dump
+                      takes the ids verbatim and supervises exactly the generated tokens (decoded
+                      text need not re-encode to them, e.g. a cut inside a UTF-8 character).
   text                the first `prompt_tokens` tokens of the document are continued; the record
                       is {"prompt", "completion", "prompt_ids", "completion_ids"}: the dump takes
                       the ids verbatim and supervises the completion only.
@@ -80,7 +82,8 @@ def text_prompt_ids(tokenizer, text: str, prompt_tokens: int) -> list[int]:
 
 def build_prompt(tokenizer, index: int, record, prompt_tokens: int) -> Prompt:
     where, kind, payload = record
-    if kind == "chat":
+    if kind in ("chat", "chat_ids"):  # an earlier regeneration's chat: its user turns again
+        payload = payload if kind == "chat" else payload[0]
         first = next((i for i, m in enumerate(payload) if m["role"] == "assistant"), len(payload))
         messages = [dict(role=m["role"], content=m["content"]) for m in payload[:first]]
         if not messages:
@@ -109,6 +112,7 @@ def output_record(tokenizer, prompt: Prompt, generated: list[int], stop_ids) -> 
         # The template writes the end token itself; the content is what came before it.
         content = tokenizer.decode(generated[:-1] if stopped else generated)
         return {"messages": prompt.context + [{"role": "assistant", "content": content}],
+                "prompt_ids": list(prompt.ids), "completion_ids": list(generated),
                 "finish_reason": finish}
     # The ids are what the dump reads (exact); the text is for people and other tools.
     return {"prompt": prompt.context, "completion": tokenizer.decode(generated),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.generate import SamplingConfig
-from pipeline.ledger import atomic_write_json, fsync_dir
+from pipeline.cache.ledger import atomic_write_json, fsync_dir
 
 LEDGER = "regenerate-ledger.json"
 LEDGER_VERSION = 1
@@ -75,7 +75,7 @@ def stop_ids(model_dir: Path, hf_cfg: dict, tokenizer, plain_text: bool) -> tupl
 
 
 def _settings(config: RegenerateConfig, model_dir: Path, stops) -> dict:
-    from pipeline.dump_sources import teacher_info
+    from pipeline.dump.sources import teacher_info
 
     probe = types.SimpleNamespace(model=str(model_dir), data=config.data,
                                   seq_len=config.prompt_tokens + config.sampling.max_new_tokens)
@@ -165,7 +165,7 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
     hf_cfg = read_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     records = rp.prompt_records(config.data, config.max_prompts)
-    plain = any(kind != "chat" for _, kind, _ in records)
+    plain = any(kind not in ("chat", "chat_ids") for _, kind, _ in records)
     stops = stop_ids(model_dir, hf_cfg, tokenizer, plain)
     settings = _settings(config, model_dir, stops)
     out = Path(config.out)

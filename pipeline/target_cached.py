@@ -189,6 +189,73 @@ def forward(s: TargetShape, params, cache, tokens, start):
     return rms_norm(x, params["norm"], s.eps), features, (jnp.stack(new_k), jnp.stack(new_v))
 
 
+def _attention_rows(s: TargetShape, lay, x, cos, sin, k_cache, v_cache, pos, sliding):
+    """x [b, n, H], row r at positions pos[r]..pos[r]+n-1; k_cache [b, kv, hd, S], v_cache
+    [b, kv, S, hd].
+
+    The batched twin of `_attention`: the new keys/values go in with one scatter at per-row
+    positions, so inside generate's while loop XLA updates the carried cache in place (a vmapped
+    `forward` restacked and copied the whole cache every step). The layouts are the ones XLA's
+    batched dots take as they are (batch dims, then contraction last for K^T / first for V):
+    with [b, S, kv, hd] the CPU compile transposed both caches of every layer at every step."""
+    b, n, _ = x.shape
+    flat = x.reshape(b * n, -1)
+    q = _linear(flat, lay["q_proj"], lay["q_proj_b"]).reshape(b * n, s.heads, s.head_dim)
+    k = _linear(flat, lay["k_proj"], lay["k_proj_b"]).reshape(b * n, s.kv_heads, s.head_dim)
+    v = _linear(flat, lay["v_proj"], lay["v_proj_b"]).reshape(b, n, s.kv_heads, s.head_dim)
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin).reshape(v.shape)
+    q_pos = pos[:, None] + jnp.arange(n)[None, :]  # [b, n]
+    rows = jnp.arange(b)[:, None]
+    # advanced indices split by slices: the update is [b, n, kv, hd] for both layouts
+    k_cache = k_cache.at[rows, :, :, q_pos].set(k, unique_indices=True)
+    v_cache = v_cache.at[rows, :, q_pos].set(v, unique_indices=True)
+    groups = s.heads // s.kv_heads
+    qg = q.reshape(b, n, s.kv_heads, groups, s.head_dim)
+    scores = jnp.einsum("bnkgd,bkds->bkgns", qg, k_cache) * (s.head_dim ** -0.5)
+    k_pos = jnp.arange(k_cache.shape[-1])[None, None, :]
+    visible = k_pos <= q_pos[:, :, None]  # [b, n, S]
+    if sliding:
+        visible &= (q_pos[:, :, None] - k_pos) < s.sliding_window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    sink = lay["sinks"].reshape(1, s.kv_heads, groups, 1, 1)
+    top = jnp.maximum(jnp.max(scores, -1, keepdims=True), sink)
+    e = jnp.exp(scores - top)
+    probs = e / (jnp.sum(e, -1, keepdims=True) + jnp.exp(sink - top))
+    out = jnp.einsum("bkgns,bksd->bnkgd", probs, v_cache).reshape(b * n, s.heads * s.head_dim)
+    return _linear(out, lay["o_proj"], lay["o_proj_b"]).reshape(b, n, -1), k_cache, v_cache
+
+
+def forward_rows(s: TargetShape, params, cache, tokens, pos):
+    """tokens [b, n], row r at positions pos[r]..pos[r]+n-1 -> (final-normed hidden [b, n, H],
+    new cache). cache = (K, V), tuples of L arrays [b, kv, hd, S] / [b, kv, S, hd] (per layer,
+    so no step restacks them; `new_row_cache`); S must be > every written position (scatters
+    drop out-of-range writes).
+
+    Same math as `forward` row by row (batched regeneration, pipeline.generate); not jitted on its
+    own: it is traced into the caller's program."""
+    ks, vs = cache
+    b, n = tokens.shape
+    x = params["embed"][tokens]
+    positions = (pos[:, None] + jnp.arange(n)[None, :]).reshape(-1)
+    cos, sin = rope.cos_sin(params["inv_freq"], params["rope_scale"], positions)
+    new_k, new_v = [], []
+    for i, lay in enumerate(params["layers"]):
+        h, kc, vc = _attention_rows(s, lay, rms_norm(x, lay["ln1"], s.eps), cos, sin, ks[i], vs[i],
+                                    pos, s.layer_sliding[i])
+        x = x + h
+        x = x + _moe(s, lay, rms_norm(x, lay["ln2"], s.eps).reshape(b * n, -1)).reshape(b, n, -1)
+        new_k.append(kc)
+        new_v.append(vc)
+    return rms_norm(x, params["norm"], s.eps), (tuple(new_k), tuple(new_v))
+
+
+def new_row_cache(s: TargetShape, rows: int, size: int):
+    """Zero (K, V) caches for `forward_rows`: per layer K [rows, kv, hd, size], V [rows, kv, size, hd]."""
+    k = tuple(jnp.zeros((rows, s.kv_heads, s.head_dim, size), jnp.float32) for _ in range(s.num_layers))
+    v = tuple(jnp.zeros((rows, s.kv_heads, size, s.head_dim), jnp.float32) for _ in range(s.num_layers))
+    return (k, v)
+
+
 @jax.jit
 def logits_of(params, hidden):
     return hidden @ params["lm_head"].T

@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import chat, corpus, data, tokenizer_build
+from pipeline import chat
+
+from pipeline import corpus
+
+from pipeline import data
+
+from pipeline import tokenizer_build
 from pipeline.errors import UserError
 from tests._data_fixtures import SMALL_VOCAB, build_small_tokenizer, small_tokenizer_texts
 
@@ -213,7 +219,7 @@ BAD_CASES = {
     "malformed JSON": ('{"text": "ok"}\n{"text": "broken\n', r"bad\.jsonl:2: malformed JSON"),
     "no assistant": ('\n{"text": "fine"}\n{"messages": [{"role": "user", "content": "hi"}]}\n',
                      r"bad\.jsonl:3: conversation has no assistant turn"),
-    "no text field": ('{"prompt": "x"}\n', r"bad\.jsonl:1: expected an object with a 'text' or a 'messages'"),
+    "no text field": ('{"prompt": "x"}\n', r"bad\.jsonl:1: expected an object with a 'text', a 'messages' or a"),
     "empty text": ('{"text": "a"}\n{"text": "  "}\n', r"bad\.jsonl:2: 'text' is empty"),
     "bad role": ('{"messages": [{"content": "x"}]}\n', r"bad\.jsonl:1: message 0 has no string 'role'"),
     "not utf-8": (b'{"text": "a"}\n{"text": "\xff\xfe"}\n', r"bad\.jsonl:2: not valid UTF-8"),

@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import data, regenerate, speculative as sp
+from pipeline import data
+
+from pipeline import regenerate
+
+from pipeline import speculative as sp
 from pipeline.regen_run import RegenerateConfig, run_regenerate
 from pipeline.generate import SamplingConfig
 from pipeline.target_cached import CachedTarget
@@ -25,7 +29,9 @@ def _build_standin(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
 
-    from pipeline import corpus, tokenizer_build as tb
+    from pipeline import corpus
+
+    from pipeline import tokenizer_build as tb
 
     texts = [t for _, t in zip(range(40), (t for _, t in corpus.iter_texts("train")))]
     tok = tb.train_bpe(texts, 512)
@@ -114,11 +120,11 @@ def test_text_prompts_mask_exactly_the_generated_tokens(standin, tokenizer, text
 
 
 def test_chat_prompts_mask_the_generated_turn(standin, tokenizer, chat_data, tmp_path):
-    """The prompt side is exact (the rendered prefix ends where the generated content starts)
-    and the mask covers exactly the assistant turn the template renders from the decoded content.
-    Those tokens equal the generated ones only when the decoded text re-encodes to them; this
-    random stand-in emits invalid UTF-8 fragments that never do, so that part is not asserted
-    here (text prompts carry the ids and are exact: the test above)."""
+    """The dump's rows of a regenerated chat are the rendered prompt (ending where the assistant's
+    content starts) and then exactly the tokens the cached target generates, the end token
+    included, and the mask covers exactly those. This random stand-in emits invalid UTF-8
+    fragments whose decoded text re-encodes to other tokens (asserted), so the record must carry
+    the ids: rendering its `messages` would supervise other tokens."""
     path, chats = chat_data
     run_regenerate(_config(standin, path, tmp_path / "out"), log=lambda m: None)
     rows = [json.loads(x) for p in sorted((tmp_path / "out").glob("part-*.jsonl"))
@@ -126,6 +132,7 @@ def test_chat_prompts_mask_the_generated_turn(standin, tokenizer, chat_data, tmp
     assert len(rows) == len(chats)
     eos = tokenizer.convert_tokens_to_ids("<|return|>")
     target = CachedTarget(standin, [0])
+    reencoded = 0
     for chat, row in zip(chats, rows):
         user = [m for m in chat if m["role"] != "assistant"]
         assert row["messages"][:-1] == user and row["messages"][-1]["role"] == "assistant"
@@ -134,9 +141,24 @@ def test_chat_prompts_mask_the_generated_turn(standin, tokenizer, chat_data, tmp
         gen = sp.ar_generate(target, prompt, max_new_tokens=NEW, stop_ids=(eos,)).tokens
         assert row["finish_reason"] == ("stop" if gen[-1] == eos else "length")
         ids, mask = data.encode_record(tokenizer, "x", *data._record(row, "x"))
+        assert ids == prompt + gen
+        assert mask == [0] * len(prompt) + [1] * len(gen)
         body = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
-        assert ids == prompt + body + [eos]
-        assert mask == [0] * len(prompt) + [1] * (len(body) + 1)
+        reencoded += body != (gen[:-1] if gen[-1] == eos else gen)
+        # the same record read from a parquet table (the dump's other file format)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([row]), tmp_path / "row.parquet")
+        (where, kind, payload), = data.iter_records(tmp_path / "row.parquet")
+        assert data.encode_record(tokenizer, where, kind, payload) == (ids, mask)
+    assert reencoded  # the decoded text alone would not give the generated tokens back
+    # fed back as prompts, a regenerated chat's user turns are the prompt again
+    again = run_regenerate(_config(standin, sorted((tmp_path / "out").glob("part-*.jsonl"))[0],
+                                   tmp_path / "again"), log=lambda m: None)
+    assert again["complete"]
+    first = json.loads(sorted((tmp_path / "again").glob("part-*.jsonl"))[0].read_text().splitlines()[0])
+    assert first == rows[0]
 
 
 def _bytes(out: Path) -> dict:

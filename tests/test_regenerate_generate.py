@@ -97,3 +97,28 @@ def test_pick_top_p_and_temperature():
     order = np.argsort(-p)
     kept = {int(t) for t, before in zip(order, np.cumsum(p[order]) - p[order]) if before < 0.8}
     assert draws == kept
+
+
+def test_forward_rows_equals_forward_per_row(target_dir):
+    """The batched forward against the single-sequence cached target, row by row: rows at
+    different positions (past the sliding window), several new tokens on top of a cache."""
+    import jax.numpy as jnp
+
+    from pipeline import target_cached as tc
+
+    shape, params, _ = tc.load_target(target_dir, (0,))
+    rng = np.random.default_rng(3)
+    starts, n, size = [2, 9, 17], 4, 32
+    prefixes = [rng.integers(1, 200, s).astype(np.int32) for s in starts]
+    new = rng.integers(1, 200, (len(starts), n)).astype(np.int32)
+    rows_k, rows_v = tc.new_row_cache(shape, len(starts), size)
+    want = []
+    for r, prefix in enumerate(prefixes):
+        _, _, cache = tc.forward(shape, params, tc.new_cache(shape, size), jnp.asarray(prefix), jnp.int32(0))
+        # the same keys/values, in forward_rows' layouts ([kv, hd, S] / [kv, S, hd] per row)
+        rows_k = tuple(k.at[r].set(cache[0][i].transpose(1, 2, 0)) for i, k in enumerate(rows_k))
+        rows_v = tuple(v.at[r].set(cache[1][i].transpose(1, 0, 2)) for i, v in enumerate(rows_v))
+        hidden, _, _ = tc.forward(shape, params, cache, jnp.asarray(new[r]), jnp.int32(starts[r]))
+        want.append(np.asarray(hidden))
+    got, _ = tc.forward_rows(shape, params, (rows_k, rows_v), jnp.asarray(new), jnp.asarray(starts))
+    np.testing.assert_allclose(np.asarray(got), np.stack(want), rtol=1e-5, atol=1e-5)
