@@ -16,15 +16,9 @@ from model.config import DraftConfig
 from model.draft import param_shapes
 from model.speculators_format import (VERIFIER_OWNED, from_speculators_dict,
                                       is_speculators_config, to_speculators_dict)
-from pipeline.errors import UserError
+from model.errors import CheckpointError, UserError
 
 MSGPACK_FORMAT = "dflash-tpu-draft/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read (truncated, not JSON, not msgpack): a user problem,
-    printed as one line by the CLIs. Its own type because model/ sits below pipeline.errors."""
-_SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
 def _hf_names(config: DraftConfig) -> dict[tuple, str]:

@@ -32,7 +32,6 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import chat
-
 from pipeline import corpus
 from pipeline.errors import UserError
 

@@ -1,5 +1,5 @@
-"""One exception type for bad user input: CLIs print it as one line, never a traceback."""
+"""Bad user input: CLIs print it as one line, never a traceback. Defined in model/errors.py, the
+bottom layer, so that model/, pipeline/, train/ and tools/ all raise the same type."""
+from model.errors import UserError
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file, mismatched cache). Printed as one line."""
+__all__ = ["UserError"]

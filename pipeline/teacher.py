@@ -19,7 +19,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pipeline import easydel_fixes, jax_setup
+from pipeline import easydel_fixes
+from pipeline import jax_setup
 from pipeline.errors import UserError
 from pipeline.models import DEFAULT_MODEL, check_weights, read_config, resolve_model
 

@@ -6,7 +6,7 @@
     python -m pipeline.teacher_dump ... --distributed     # every host of a TPU pod runs this
 
 Rerun the same command after an interruption to resume; a finished cache is verified and left
-as it is. `--verify --out DIR` only checks the cache in DIR (pipeline/cache_verify.py).
+as it is. `--verify --out DIR` only checks the cache in DIR (pipeline/cache/verify.py).
 Prints one JSON line at the end: {sequences, tokens, bytes, seconds, tokens_per_s, ...}.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import argparse
 import json
 import sys
 
-from pipeline.dump import DumpConfig, run_dump
+from pipeline import distributed
+from pipeline.dump.run import DumpConfig, run_dump
 from pipeline.errors import UserError
 
 _D = DumpConfig()
@@ -71,12 +72,7 @@ def parse_args(argv=None) -> DumpConfig:
         help="part storage: ArrayRecord files or TensorStore zarr3 parts" + dflt)
     add("--kvstore", default=None, help="TensorStore data root URL for --format tensorstore, "
         "e.g. gs://bucket/cache/ (default: --out; manifest and ledger stay in --out)")
-    add("--coordinator-address", default=None,
-        help="jax.distributed: host:port of process 0 (with --num-processes, --process-id)")
-    add("--num-processes", type=int, default=None, help="jax.distributed: number of processes")
-    add("--process-id", type=int, default=None, help="jax.distributed: this process's index")
-    add("--distributed", action="store_true",
-        help="jax.distributed.initialize() from the cluster environment (TPU pod)")
+    distributed.add_flags(p)
     a = p.parse_args(argv)
     if a.verify:
         return a
@@ -95,7 +91,7 @@ def main(argv=None, *, teacher=None, sequences=None) -> int:
     try:
         config = parse_args(argv)
         if isinstance(config, argparse.Namespace):  # --verify
-            from pipeline.cache_verify import run
+            from pipeline.cache.verify import run
             return run(config.out, progress=not config.no_progress)
         summary = run_dump(config, teacher=teacher, sequences=sequences,
                            log=lambda msg: print(msg, file=sys.stderr))

@@ -65,7 +65,7 @@ def _dump(argv: list[str]) -> int:
     a, rest = p.parse_known_args(argv)
     rest = [r for r in rest if r != "--"]
     from pipeline import teacher_dump
-    from pipeline.dump_hosts import process_group
+    from pipeline.distributed import process_group
     from tests._dump_fixtures import FakeTeacher
 
     config = teacher_dump.parse_args(rest + ["--no-progress"])

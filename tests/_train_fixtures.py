@@ -1,6 +1,6 @@
 """Shared helpers of the train tests: a small feature cache in the real on-disk format.
 
-The records are written with pipeline.cache_format's encoder and part layout, so the loader reads
+The records are written with pipeline.cache.format's encoder and part layout, so the loader reads
 exactly what `pipeline.teacher_dump` produces.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from pipeline.cache_format import (
+from pipeline.cache.format import (
     MANIFEST_NAME, WRITER_OPTIONS, CacheManifest, PartInfo, encode_record, part_filename)
-from pipeline.cache_reader import file_crc32
+from pipeline.cache.format import file_crc32
 
 
 def write_cache(out: Path, records, *, hidden_size: int, layer_ids, teacher: dict,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import CacheError, open_cache
-from pipeline.dump import DumpConfig, run_dump
+from pipeline.dump.run import DumpConfig, run_dump
 from tests._dump_fixtures import FakeTeacher, fake_sequences
 
 N, T, H = 24, 32, 16
@@ -151,7 +151,7 @@ def test_arrayrecord_byte_flip_is_one_line(copy):
 
 def test_tensorstore_part_without_checksums_is_verified_on_first_open(copy):
     """A part written before per-record checksums: verified whole (size + CRC32) on first open."""
-    from pipeline.cache_ts import open_kvstore, part_checksum, root_url
+    from pipeline.cache.ts_parts import open_kvstore, part_checksum, root_url
     d = copy("tensorstore")
     manifest = json.loads((d / "manifest.json").read_text())
     kv = open_kvstore(root_url(d, None))
@@ -168,7 +168,7 @@ def test_tensorstore_part_without_checksums_is_verified_on_first_open(copy):
 
 
 def _run_verify(capsys, *args):
-    from pipeline import cache_verify
+    from pipeline.cache import verify as cache_verify
     code = cache_verify.main([*map(str, args), "--no-progress"])
     return code, capsys.readouterr().out.strip().splitlines()
 
@@ -193,9 +193,9 @@ def test_verify_reports_every_bad_part(copy, capsys):
 def test_verify_multi_host_cache(tmp_path, capsys):
     import dataclasses
 
-    from pipeline.cache_format import MANIFEST_NAME
-    from pipeline.cache_hosts import host_dirname, top_manifest
-    from pipeline.ledger import atomic_write_json
+    from pipeline.cache.format import MANIFEST_NAME
+    from pipeline.cache.hosts import host_dirname, top_manifest
+    from pipeline.cache.ledger import atomic_write_json
     top = tmp_path / "hosts"
     subs = [_dump(top / host_dirname(h, 2), "tensorstore" if h else "arrayrecord")
             for h in range(2)]
@@ -213,7 +213,7 @@ def test_verify_multi_host_cache(tmp_path, capsys):
 
 
 def test_verify_of_no_cache_is_one_error_line(tmp_path, capsys):
-    from pipeline import cache_verify
+    from pipeline.cache import verify as cache_verify
     assert cache_verify.main([str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no feature cache at"), err

@@ -12,7 +12,7 @@ BUDGET_MB = 96  # allowed growth of peak RSS over the warmed-up process; < the o
 WRITE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    from pipeline.dump import DumpConfig, run_dump
+    from pipeline.dump.run import DumpConfig, run_dump
     from tests._dump_fixtures import FakeTeacher, fake_sequences
 
     out, n = sys.argv[1], int(sys.argv[2])

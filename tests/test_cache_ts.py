@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache import CacheError, Ledger, open_cache
-from pipeline.cache_ts import TSCacheReader
-from pipeline.dump import DumpConfig, run_dump
+from pipeline.cache.ts_parts import TSCacheReader
+from pipeline.dump.run import DumpConfig, run_dump
 from tests._dump_fixtures import FakeTeacher, fake_sequences, run_fake_cli
 
 N = 45

@@ -62,7 +62,7 @@ def test_help_runs():
 
 
 def test_a_second_dump_on_the_same_cache_is_refused(tmp_path, capsys):
-    from pipeline.cache_prepare import lock_cache
+    from pipeline.cache.prepare import lock_cache
 
     with lock_cache(tmp_path):
         code, err = _run(capsys, BASE + ["--out", str(tmp_path)])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache import Ledger, open_cache
-from pipeline.cache_hosts import HostsReader
-from pipeline.dump import DumpConfig, run_dump
+from pipeline.cache.hosts import HostsReader
+from pipeline.dump.run import DumpConfig, run_dump
 from tests._dump_fixtures import FakeTeacher, fake_sequences
 from tests._hosts_fixtures import start_processes, wait_all
 

@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 from pipeline import teacher_dump
-from pipeline.dump_sources import data_identity
+from pipeline.dump.sources import data_identity
 from tests._dump_fixtures import FakeTeacher, fake_sequences
 from tests._train_fixtures import write_teacher_stub
 

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from pipeline.cache import Ledger, open_cache
-from pipeline.dump import DumpConfig, run_dump
+from pipeline.dump.run import DumpConfig, run_dump
 from tests._dump_fixtures import FakeTeacher, assert_same_cache, fake_sequences, run_fake_cli
 
 N = 45  # sequences: 5 full intervals of 8 and a padded last batch

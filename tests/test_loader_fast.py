@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import cache_ts
-from pipeline.cache_reader import CacheError
-from pipeline.cache_ts import TSCacheReader, _pread_into, plain_chunk_files
+from pipeline.cache import ts_parts as cache_ts
+from pipeline.cache.format import CacheError
+from pipeline.cache.ts_parts import TSCacheReader, _pread_into, plain_chunk_files
 from tools._bench_common import write_synthetic_cache
 from train.loader import make_dataset, open_training_cache
 

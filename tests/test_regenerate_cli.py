@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import data
-
 from pipeline import regenerate
-
 from pipeline import speculative as sp
 from pipeline.regen_run import RegenerateConfig, run_regenerate
 from pipeline.generate import SamplingConfig
@@ -30,7 +28,6 @@ def _build_standin(out: Path) -> Path:
     from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
 
     from pipeline import corpus
-
     from pipeline import tokenizer_build as tb
 
     texts = [t for _, t in zip(range(40), (t for _, t in corpus.iter_texts("train")))]

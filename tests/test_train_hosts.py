@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
-from pipeline.dump import DumpConfig, run_dump
+from pipeline.dump.run import DumpConfig, run_dump
 from tests._dump_fixtures import FakeTeacher
 from tests._hosts_fixtures import start_processes, vocab_sequences, wait_all
 from tests._train_fixtures import write_teacher_stub

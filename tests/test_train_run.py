@@ -191,7 +191,7 @@ def test_export_draft_from_run_checkpoint(reference, cli_env, tmp_path):
 
 def test_manifest_checks_against_teacher_config():
     """draft_config_for refuses caches that do not belong to the teacher, in one line."""
-    from pipeline.cache_format import CacheManifest
+    from pipeline.cache.format import CacheManifest
     from train.loop import draft_config_for
     hf = {"hidden_size": 64, "num_hidden_layers": 4, "vocab_size": 300, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,

@@ -24,7 +24,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pipeline import easydel_fixes, jax_setup
+from pipeline import easydel_fixes
+from pipeline import jax_setup
 from pipeline.errors import UserError
 
 

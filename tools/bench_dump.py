@@ -8,7 +8,7 @@ token) on the CPU devices present. The forward is compiled once before anything 
 timed runs alternate (bare, to-host, dump, ...) and the median of `--repeat` is reported.
   bare forward       teacher.features(...) per batch, block_until_ready: the device's share alone
   forward + to host  the same plus np.asarray of the features (the transfer the writer waits on)
-  dump               pipeline.dump.run_dump over the same sequences (writer thread, ArrayRecord
+  dump               pipeline.dump.run.run_dump over the same sequences (writer thread, ArrayRecord
                      parts, ledger commits, fsync, CRC32), tokens_per_s from its summary
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from pipeline.dump import DumpConfig, _batches, run_dump, select_layers
+    from pipeline.dump.run import DumpConfig, _batches, run_dump, select_layers
     from pipeline.teacher import Teacher
 
     teacher = Teacher.from_pretrained(a.model, dtype=jnp.dtype(a.dtype))

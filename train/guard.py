@@ -85,7 +85,7 @@ def cache_fingerprint(data_dir, manifest) -> str:
     n = int(manifest.hosts)
     if n <= 1:
         return _parts_digest(top).hex()
-    from pipeline.cache_hosts import host_dirname
+    from pipeline.cache.hosts import host_dirname
 
     def host(h: int) -> bytes:
         d = manifest_object(data_dir / host_dirname(h, n) / "manifest.json")

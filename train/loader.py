@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from pipeline.cache import CacheManifest, CacheReader, decode_record, open_cache
-from pipeline.cache_format import BF16
+from pipeline.cache.format import BF16
 from pipeline.errors import UserError
 from train.anchors import draw_anchors
 

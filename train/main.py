@@ -27,6 +27,7 @@ import dataclasses
 import json
 import sys
 
+from pipeline import distributed
 from pipeline.errors import UserError
 from train.config import TrainConfig
 
@@ -67,29 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help=help_)
         else:  # "int", "float | None", ...: the first word names the type
             p.add_argument(flag, type=_TYPES[f.type.split(" ")[0]], default=default, help=help_)
-    p.add_argument("--coordinator-address", default=None,
-                   help="jax.distributed: host:port of process 0 (with --num-processes, --process-id)")
-    p.add_argument("--num-processes", type=int, default=None, help="jax.distributed: process count")
-    p.add_argument("--process-id", type=int, default=None, help="jax.distributed: this process")
-    p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() from the cluster environment (TPU pod)")
+    distributed.add_flags(p)
     return p
-
-
-_DIST_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed")
 
 
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
-    dist = argparse.Namespace(**{k: args.pop(k) for k in _DIST_FLAGS})
+    dist = distributed.pop_flags(args)
     try:
         cfg = TrainConfig(**args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        from pipeline.dump_hosts import process_group
-        process_group(dist)  # before any backend starts: jax.distributed must come first
+        distributed.process_group(dist)  # before any backend starts: jax.distributed must come first
         from train.loop import train
         summary = train(cfg)
     except UserError as e:

@@ -7,7 +7,7 @@ every host has finished, the processes meet at a barrier of the jax.distributed 
 service (no device collective: the teacher forward needs no cross-process communication) and
 process 0 writes the one top-level manifest (hosts=P, the total count); a process that does not
 see it afterwards (host-local storage such as /dev/shm) writes the same file to its own --out.
-`open_cache(out)` then reads record i from host i % P, position i // P (pipeline/cache_hosts.py).
+`open_cache(out)` then reads record i from host i % P, position i // P (pipeline/cache/hosts.py).
 """
 from __future__ import annotations
 
@@ -17,51 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.cache_format import MANIFEST_NAME, CacheManifest
-from pipeline.cache_hosts import host_dirname, host_kvstore, top_manifest
-from pipeline.cache_reader import CacheError, load_manifest
+from pipeline.cache.format import MANIFEST_NAME, CacheManifest
+from pipeline.cache.hosts import host_dirname, host_kvstore, top_manifest
+from pipeline.cache.format import CacheError, load_manifest
+from pipeline.distributed import BARRIER_TIMEOUT_MS, ProcessGroup
+from pipeline.dump.local import dump_into
 from pipeline.errors import UserError
-from pipeline.ledger import atomic_write_json
+from pipeline.cache.ledger import atomic_write_json
 
-BARRIER_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # hosts finish at different times; a lost peer fails it
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessGroup:
-    index: int = 0
-    count: int = 1
-    client: object = None  # jax's DistributedRuntimeClient (key-value store and barriers)
-
-
-def _global_state():
-    from jax._src import distributed
-    return distributed.global_state
-
-
-def process_group(config) -> ProcessGroup:
-    """Initialise jax.distributed from the flags (or the pod environment with --distributed) when
-    asked; -> this process's index and the count. Never starts a device backend."""
-    flags = (config.coordinator_address, config.num_processes, config.process_id)
-    state = _global_state() if (config.distributed or any(f is not None for f in flags)) else None
-    if state is not None and state.client is None:
-        import jax
-        if not config.distributed and None in flags:
-            raise UserError("--coordinator-address, --num-processes and --process-id go together "
-                            "(or pass --distributed on a TPU pod)")
-        try:
-            jax.distributed.initialize(*flags) if not config.distributed else \
-                jax.distributed.initialize()
-        except (RuntimeError, ValueError) as e:
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), repr(e))
-            raise UserError(f"jax.distributed.initialize failed: {first}") from None
-    if state is None:
-        try:
-            state = _global_state()
-        except ImportError:
-            return ProcessGroup()
-    if state.client is None:
-        return ProcessGroup()
-    return ProcessGroup(int(state.process_id), int(state.num_processes), state.client)
 
 
 def host_limit(limit: int | None, index: int, count: int) -> int | None:
@@ -74,7 +37,7 @@ def _check_top(out: Path, top: CacheManifest) -> bool:
     if not (out / MANIFEST_NAME).exists():
         return False
     old = load_manifest(out)
-    from pipeline.cache_prepare import settings_key
+    from pipeline.cache.format import settings_key
     if old.hosts != top.hosts or settings_key(dataclasses.replace(old, num_records=0)) != \
             settings_key(dataclasses.replace(top, num_records=0)):
         raise UserError(f"{out} holds a cache made with other settings or by {old.hosts} "
@@ -85,7 +48,6 @@ def _check_top(out: Path, top: CacheManifest) -> bool:
 
 def run_host_dump(config, manifest: CacheManifest, seqs, teacher, info, group: ProcessGroup,
                   log, t0: float) -> dict:
-    from pipeline.dump import dump_into
 
     out, p, n = Path(config.out), group.index, group.count
     top = top_manifest(manifest, n, 0)
@@ -93,7 +55,7 @@ def run_host_dump(config, manifest: CacheManifest, seqs, teacher, info, group: P
     if config.overwrite:
         (out / MANIFEST_NAME).unlink(missing_ok=True)
     elif _check_top(out, top):
-        from pipeline.cache_verify import check_complete
+        from pipeline.cache.verify import check_complete
         check_complete(out / host_dirname(p, n))  # each host checks the parts it wrote
         log(f"cache at {out.resolve()} is already complete ({n} hosts); nothing to do")
         return {"sequences": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "tokens_per_s": 0.0,

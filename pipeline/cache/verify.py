@@ -1,13 +1,13 @@
 """Check a whole feature cache and report every bad part.
 
-    python -m pipeline.cache_verify /dev/shm/dflash          # exit 0: every part is intact
+    python -m pipeline.cache.verify /dev/shm/dflash          # exit 0: every part is intact
     python -m pipeline.teacher_dump --verify --out /dev/shm/dflash   # the same check
 
 Every committed part (ArrayRecord file or TensorStore zarr3 part, every host of a multi-process
 cache; an unfinished dump's ledger-committed parts) is read whole and compared with the size,
 CRC32 and record count the dump committed. Each bad part is printed on its own line; the exit
 code is 1 when any part is bad, 2 when DIR holds no readable cache. A rerun of the dump on a
-finished cache runs the same check before it calls the cache complete (pipeline/dump.py).
+finished cache runs the same check before it calls the cache complete (pipeline/dump/run.py).
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from pipeline.cache_format import CacheManifest, PartInfo
-from pipeline.cache_hosts import host_dirname
-from pipeline.cache_parts import part_store
-from pipeline.cache_reader import CacheError, load_manifest
+from pipeline.cache.format import CacheManifest, PartInfo
+from pipeline.cache.hosts import host_dirname
+from pipeline.cache.parts import part_store
+from pipeline.cache.format import CacheError, load_manifest
 from pipeline.errors import UserError
-from pipeline.ledger import Ledger
+from pipeline.cache.ledger import Ledger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def verify_cache(directory, *, progress: bool = False, parts_of=None) -> list[Ba
 def bad_parts_message(directory, bad: list[BadPart]) -> str:
     first = bad[0].reason
     more = f" (and {len(bad) - 1} more part(s))" if len(bad) > 1 else ""
-    return f"{first}{more}; `python -m pipeline.cache_verify {directory}` lists every bad part"
+    return f"{first}{more}; `python -m pipeline.cache.verify {directory}` lists every bad part"
 
 
 def check_complete(directory) -> None:
@@ -110,7 +110,7 @@ def run(directory, *, progress: bool = True, out=None) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.cache_verify", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.cache.verify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory", help="the cache directory (holds manifest.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

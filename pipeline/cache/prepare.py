@@ -16,16 +16,12 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.cache_format import LEDGER_NAME, MANIFEST_NAME, CacheManifest
-from pipeline.cache_parts import part_store
-from pipeline.cache_reader import CacheError, load_manifest
-from pipeline.cache_writer import CacheWriter, CacheWriteError
+from pipeline.cache.format import (
+    _PROGRESS_KEYS, LEDGER_NAME, MANIFEST_NAME, CacheError, CacheManifest, load_manifest, settings_key)
+from pipeline.cache.parts import part_store
+from pipeline.cache.writer import CacheWriter, CacheWriteError
 from pipeline.errors import UserError
-from pipeline.ledger import Ledger, atomic_write_json
-
-# Manifest keys that change while a dump runs; every other key must match to resume.
-_PROGRESS_KEYS = {"complete", "num_records", "parts", "shard_summary"}
-
+from pipeline.cache.ledger import Ledger, atomic_write_json
 
 @dataclasses.dataclass
 class Prepared:
@@ -36,11 +32,6 @@ class Prepared:
     @property
     def complete(self) -> bool:
         return self.writer is None
-
-
-def settings_key(manifest: CacheManifest) -> str:
-    identity = {k: v for k, v in manifest.to_json().items() if k not in _PROGRESS_KEYS}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _differences(old: CacheManifest, new: CacheManifest) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from pipeline.cache_format import BF16, PartInfo, decode_record
+from pipeline.cache.format import BF16, CacheError, CacheManifest, PartInfo, decode_record
 
 TS_SUFFIX = ".ts"
 PART_RE = re.compile(r"^(shard-\d+-of-\d+\.part-\d+\.ts)/")
@@ -256,7 +256,6 @@ class TSCacheReader:
     def _checksums(self, k: int, url: str):
         """Part k's per-record checksums [records, 2]; None for a part written before them,
         which is then verified whole (size, CRC32, record count) once per reader."""
-        from pipeline.cache_reader import CacheError
         part = self.parts[k]
         try:
             sums = _ts().open({"driver": "zarr3", "kvstore": url + CHECKSUMS + "/"}, open=True,
@@ -286,12 +285,11 @@ class TSCacheReader:
         return arrays, int(arrays["offsets"][j]), int(arrays["offsets"][j + 1]), k, j
 
     def _bad(self, k: int, j: int, what: str):
-        from pipeline.cache_reader import CacheError
         return CacheError(
             f"{self.root + self.parts[k].file} record {j} (cache record "
             f"{int(self._starts[k]) + j}) is corrupted: its {what} do not match the checksum "
             f"written by the dump; nothing was trained on it. Check the whole cache with "
-            f"`python -m pipeline.cache_verify {self.directory}` and re-dump the bad parts")
+            f"`python -m pipeline.cache.verify {self.directory}` and re-dump the bad parts")
 
     def _check_tokens(self, arrays, k, j, ids, mask) -> None:
         sums = arrays["sums"]
@@ -437,7 +435,6 @@ def _pread_into(path: Path, out: np.ndarray, offset: int, hashed: bool = False):
             block = view[done:done + _HASH_BLOCK] if h is not None else view[done:]
             n = os.preadv(fd, [block], offset + done)
             if n <= 0:
-                from pipeline.cache_reader import CacheError
                 raise CacheError(f"{path} ends before byte {offset + view.nbytes} (truncated)")
             if h is not None:
                 h.update(block[:n])
@@ -449,7 +446,6 @@ def _pread_into(path: Path, out: np.ndarray, offset: int, hashed: bool = False):
 
 def verify_part(kv, part: PartInfo, root: str) -> None:
     """Raise CacheError unless the part has its committed size, CRC32 and record count."""
-    from pipeline.cache_reader import CacheError
     size, crc = part_checksum(kv, part.file)
     where = root + part.file
     if size == 0:
@@ -466,3 +462,43 @@ def verify_part(kv, part: PartInfo, root: str) -> None:
         raise CacheError(f"{where}: unreadable offsets ({e})") from None
     if off.shape[0] != part.records + 1:
         raise CacheError(f"{where} holds {off.shape[0] - 1} records, expected {part.records}")
+
+
+class TensorStoreParts:
+    """Parts are zarr3 key prefixes under the data root (pipeline/cache/ts_parts.py)."""
+
+    def __init__(self, directory: Path, manifest: CacheManifest):
+        self.manifest = manifest
+        self.root = root_url(directory, manifest.kvstore)
+        self._kv = None
+
+    @property
+    def kv(self):
+        if self._kv is None:
+            self._kv = open_kvstore(self.root)
+        return self._kv
+
+    def where(self, name: str) -> str:
+        return self.root + name
+
+    def names(self) -> set[str]:
+        return part_names(self.kv)
+
+    def delete(self, name: str) -> None:
+        delete_part(self.kv, name)
+
+    def open_writer(self, name: str, capacity: int):
+        m = self.manifest
+        return TSPartWriter(self.root, name, capacity, m.seq_len, m.feature_dim)
+
+    def write(self, writer, record: bytes) -> None:
+        writer.write(record, self.manifest)
+
+    def close(self, writer, name: str) -> None:
+        writer.close()  # the file kvstore fsyncs each value it writes (file_io_sync)
+
+    def checksum(self, name: str) -> tuple[int, int]:
+        return part_checksum(self.kv, name)
+
+    def verify(self, part: PartInfo) -> None:
+        verify_part(self.kv, part, self.root)

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from pipeline.cache_format import BF16, encode_record
-from pipeline.cache_writer import CacheWriter
+from pipeline.cache.format import BF16, encode_record
+from pipeline.cache.writer import CacheWriter
 
 _STOP = object()
 

@@ -3,13 +3,13 @@
 `run_dump(DumpConfig(...))` is what `python -m pipeline.teacher_dump` calls. The device loop
 pads every batch to [batch_size, seq_len] (one compiled program) and hands the still-running
 device array to a writer thread through a bounded queue; the writer waits for it, serialises
-the rows and appends them to the cache (pipeline/cache_writer.py), so the accelerator computes
+the rows and appends them to the cache (pipeline/cache/writer.py), so the accelerator computes
 batch n+1 while batch n is written, and at most `queue_batches` + 2 batches are in flight.
-A rerun resumes from the ledger (pipeline/cache_prepare.py). The teacher and the sequences can
+A rerun resumes from the ledger (pipeline/cache/prepare.py). The teacher and the sequences can
 be injected (tests use a cheap stand-in); by default they come from `--model` and `--data`.
-Parts are ArrayRecord files or TensorStore zarr3 parts (`--format`, pipeline/cache_parts.py);
+Parts are ArrayRecord files or TensorStore zarr3 parts (`--format`, pipeline/cache/parts.py);
 under jax.distributed every process dumps its own rows into its own host sub-cache
-(pipeline/dump_hosts.py).
+(pipeline/dump/hosts.py).
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.cache_format import BF16, CacheManifest
-from pipeline.cache_prepare import lock_cache, prepare_cache
-from pipeline.cache_verify import check_complete
-from pipeline.dump_sources import TeacherInfo, default_sequences, load_teacher, teacher_info
-from pipeline.dump_writer import WriterThread
+from pipeline.cache.format import BF16, CacheManifest
+from pipeline.dump.sources import TeacherInfo, default_sequences, load_teacher, teacher_info
+from pipeline.distributed import process_group
+from pipeline.dump.hosts import run_host_dump
+from pipeline.dump.local import _batches, dump_into  # noqa: F401  (_batches: tools.bench_dump)
 from pipeline.errors import UserError
 
 
@@ -54,7 +54,7 @@ class DumpConfig:
     progress: bool = True  # tqdm bar on stderr
     format: str = "arrayrecord"  # part storage: "arrayrecord" or "tensorstore" (zarr3)
     kvstore: str | None = None  # tensorstore data root URL (e.g. gs://b/cache/); None = --out
-    # jax.distributed (pipeline/dump_hosts.py): each process dumps sequences i % count == index
+    # jax.distributed (pipeline/dump/hosts.py): each process dumps sequences i % count == index
     coordinator_address: str | None = None  # host:port of process 0
     num_processes: int | None = None
     process_id: int | None = None
@@ -117,25 +117,6 @@ def build_manifest(config: DumpConfig, info: TeacherInfo) -> CacheManifest:
         settings=settings, format=config.format, kvstore=config.kvstore)
 
 
-def _batches(seqs: Iterable, batch_size: int, seq_len: int, start: int) -> Iterator:
-    """Yield (first index, ids [b, T] int32, mask [b, T] uint8, valid rows), padded to b rows."""
-    it = iter(seqs)
-    index = start
-    while True:
-        rows = list(itertools.islice(it, batch_size))
-        if not rows:
-            return
-        ids = np.zeros((batch_size, seq_len), np.int32)
-        mask = np.zeros((batch_size, seq_len), np.uint8)
-        for r, (tok, lm) in enumerate(rows):
-            if len(tok) != seq_len or len(lm) != seq_len:
-                raise UserError(f"sequence {index + r} has {len(tok)} tokens, expected --seq-len "
-                                f"{seq_len} (the data loader must pack to a fixed length)")
-            ids[r], mask[r] = tok, lm
-        yield index, ids, mask, len(rows)
-        index += len(rows)
-
-
 def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = None,
              log=print) -> dict:
     """Dump (or resume, or recognise as complete) the cache in `config.out`; returns the summary
@@ -151,64 +132,9 @@ def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = N
         raise UserError(f"no sequences of {config.seq_len} tokens in the data "
                         f"({info.data_identity.get('source')})")
     seqs = itertools.chain([first], seqs)
-    from pipeline.dump_hosts import process_group, run_host_dump
     group = process_group(config)
     if group.count > 1:
         return run_host_dump(config, manifest, seqs, teacher, info, group, log, t0)
     return dump_into(config, config.out, manifest, seqs, config.max_seqs, teacher, info, log, t0)
 
 
-def dump_into(config: DumpConfig, directory, manifest: CacheManifest, seqs, limit, teacher, info,
-              log, t0: float) -> dict:
-    """Dump `seqs` (the writer's sequence 0, 1, ...; at most `limit`) into the cache in
-    `directory`, resuming it or recognising it as complete."""
-    with lock_cache(directory):
-        prepared = prepare_cache(directory, manifest, overwrite=config.overwrite)
-        out = str(Path(directory).resolve())
-        if prepared.complete:
-            check_complete(directory)  # a corrupt finished cache is refused, never "complete"
-            log(f"cache at {out} is already complete ({prepared.manifest.num_records} sequences); "
-                "nothing to do")
-            return _summary(0, config.seq_len, 0, t0, t0, out, prepared.manifest.num_records)
-        start = prepared.resumed_from
-        if start:
-            log(f"resuming the dump in {out} after {start} committed sequences")
-        if teacher is None:
-            teacher = load_teacher(config, info)
-        t1 = time.perf_counter()  # teacher loaded: the dump loop starts
-        writer = WriterThread(prepared.writer, config.queue_batches, config.progress, start,
-                              total=limit)
-        writer.start()
-        try:
-            _device_loop(config, teacher, itertools.islice(seqs, start, limit),
-                         list(manifest.layer_ids), writer, start)
-            writer.close()
-            final = prepared.writer.finish()
-        except BaseException as e:
-            # A failure of the device loop (not of the writer) keeps the commits of what it had
-            # already queued; then the uncommitted parts are dropped either way.
-            writer.abort(drain=not isinstance(e, KeyboardInterrupt) and writer.error is None)
-            raise
-    return _summary(writer.sequences, config.seq_len, prepared.writer.bytes_written, t0, t1, out,
-                    final.num_records)
-
-
-def _device_loop(config: DumpConfig, teacher, seqs, layer_ids, writer, start: int) -> None:
-    for index, ids, mask, valid in _batches(seqs, config.batch_size, config.seq_len, start):
-        attention = np.ones_like(ids)  # packed sequences: every position is a real token
-        feats = teacher.features(ids, attention, layer_ids)  # dispatched, not awaited
-        if feats.dtype != BF16:  # cast on the device: half the bytes to transfer
-            feats = feats.astype(BF16)
-        writer.put((index, ids, mask, feats, valid))
-
-
-def _summary(sequences: int, seq_len: int, nbytes: int, t0: float, t1: float, out: str,
-             total: int) -> dict:
-    """This run's work. `seconds` (and tokens_per_s) time the dump loop, from the loaded teacher
-    to the final commit; `setup_seconds` is everything before (teacher load, resume checks)."""
-    end = time.perf_counter()
-    seconds, tokens = end - t1, sequences * seq_len
-    return {"sequences": sequences, "tokens": tokens, "bytes": nbytes,
-            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-            "setup_seconds": round(t1 - t0, 3),
-            "total_sequences": total, "complete": True, "out": out}

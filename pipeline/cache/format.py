@@ -19,13 +19,17 @@ Record (uncompressed, group_size 1 so Grain can read any record alone):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from pipeline.errors import UserError
 
 SCHEMA = "dflash-feature-cache/1"
 MANIFEST_NAME = "manifest.json"
@@ -41,7 +45,7 @@ FORMATS = ("arrayrecord", "tensorstore")
 
 
 def part_filename(shard: int, part: int, shards: int, fmt: str = "arrayrecord") -> str:
-    """An ArrayRecord file name, or a TensorStore part's key prefix (pipeline/cache_ts.py)."""
+    """An ArrayRecord file name, or a TensorStore part's key prefix (pipeline/cache/ts_parts.py)."""
     suffix = ".ts" if fmt == "tensorstore" else ".arrayrecord"
     return f"shard-{shard:05d}-of-{shards:05d}.part-{part:05d}{suffix}"
 
@@ -114,7 +118,7 @@ class CacheManifest:
     settings: dict = dataclasses.field(default_factory=dict)
     format: str = "arrayrecord"  # part storage: "arrayrecord" files or "tensorstore" zarr3 parts
     kvstore: str | None = None  # TensorStore data root (URL); None = the cache directory
-    hosts: int = 1  # > 1: a multi-process cache of `hosts` host sub-caches (pipeline/cache_hosts.py)
+    hosts: int = 1  # > 1: a multi-process cache of `hosts` host sub-caches (pipeline/cache/hosts.py)
     complete: bool = False
     num_records: int = 0
     parts: tuple[PartInfo, ...] = ()
@@ -212,3 +216,36 @@ def decode_record(buf: bytes, manifest: CacheManifest) -> dict[str, np.ndarray]:
 def read_json(path: Path) -> dict:
     with open(path, "rb") as fh:
         return json.loads(fh.read())
+
+
+class CacheError(UserError):
+    """A cache is missing, incomplete or corrupted."""
+
+
+def load_manifest(directory: Path) -> CacheManifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        raise CacheError(f"no feature cache at {directory} ({MANIFEST_NAME} not found)")
+    try:
+        return CacheManifest.from_json(read_json(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"{path} is not a valid cache manifest: {e}") from e
+
+
+def file_crc32(path: Path, block: int = 1 << 22) -> int:
+    """CRC32 of a file's bytes, streamed (ArrayRecord files have unhashed padding and headers,
+    so the reader's own chunk hashes miss some flips; a whole-file CRC misses none)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+# Manifest keys that change while a dump runs; every other key must match to resume.
+_PROGRESS_KEYS = {"complete", "num_records", "parts", "shard_summary"}
+
+
+def settings_key(manifest: CacheManifest) -> str:
+    identity = {k: v for k, v in manifest.to_json().items() if k not in _PROGRESS_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""Reading a multi-process cache: P host sub-caches behind one manifest (pipeline/dump_hosts.py).
+"""Reading a multi-process cache: P host sub-caches behind one manifest (pipeline/dump/hosts.py).
 
 Record i of the cache is record i // P of host i % P, so `HostsReader` reads like a one-host
 cache, and `process_view(p, P)` is exactly host p's sub-cache: on a pod with host-local storage
@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.cache_format import CacheManifest
+from pipeline.cache.format import CacheError, CacheManifest, load_manifest, settings_key
+from pipeline.cache.ledger import committed_parts
+from pipeline.cache.parts import parts_reader
 
 _HOST_KEYS = ("host", "hosts")
 
@@ -58,11 +60,10 @@ class HostsReader:
     def host(self, index: int):
         """Host `index`'s sub-cache reader (opened, and checked against the top manifest, once)."""
         if index not in self._hosts:
-            from pipeline.cache_prepare import settings_key
-            from pipeline.cache_reader import CacheError, open_cache
             n = self.manifest.hosts
             path = self.directory / host_dirname(index, n)
-            reader = open_cache(path)
+            sub = load_manifest(path)  # a host's sub-cache is a finished one-host cache
+            reader = parts_reader(path, sub, committed_parts(path, sub))
             mine = dataclasses.replace(reader.manifest, kvstore=self.manifest.kvstore)
             if settings_key(top_manifest(mine, n, 0)) != settings_key(self.manifest):
                 raise CacheError(f"{path} was dumped with other settings than {self.directory}")
@@ -90,7 +91,6 @@ class HostsReader:
         return HostView(self.host(index), index, count)
 
     def verify(self) -> int:
-        from pipeline.cache_reader import CacheError
         n = self.manifest.hosts
         total = 0
         for h in range(n):

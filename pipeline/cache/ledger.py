@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.cache_format import LEDGER_NAME, PartInfo, read_json
+from pipeline.cache.format import LEDGER_NAME, CacheError, PartInfo, read_json
 from pipeline.errors import UserError
 
 LEDGER_VERSION = 1
@@ -94,3 +94,15 @@ class Ledger:
             return cls.from_json(read_json(path))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path} is unreadable ({e}); rerun with --overwrite to start over") from e
+
+
+def committed_parts(directory, manifest, allow_incomplete: bool = False) -> tuple:
+    """The parts a reader may read: all of a finished cache's; of an unfinished dump, what its
+    ledger committed (only when allow_incomplete), else a CacheError."""
+    if manifest.complete:
+        return manifest.parts
+    if allow_incomplete:
+        ledger = Ledger.load(directory)
+        return ledger.parts if ledger is not None else ()
+    raise CacheError(f"the cache at {directory} is incomplete: rerun the dump command to "
+                     "finish it (or pass allow_incomplete=True)")

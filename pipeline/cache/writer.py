@@ -1,6 +1,6 @@
 """Writes a feature cache: part files in layout order, ledger commits, crash-safe resume.
 
-Protocol (see pipeline/cache_format.py for the layout):
+Protocol (see pipeline/cache/format.py for the layout):
   1. manifest.json (settings, complete=false) is written before any record;
   2. records are appended in sequence order; a part is closed and fsynced when full;
   3. at each interval end the ledger is replaced atomically, naming every closed part;
@@ -17,10 +17,10 @@ import os
 import signal
 from pathlib import Path
 
-from pipeline.cache_format import LEDGER_NAME, MANIFEST_NAME, CacheManifest, PartInfo, part_filename
-from pipeline.cache_parts import part_store
+from pipeline.cache.format import LEDGER_NAME, MANIFEST_NAME, CacheManifest, PartInfo, part_filename
+from pipeline.cache.parts import part_store
 from pipeline.errors import UserError
-from pipeline.ledger import Ledger, atomic_write_json, fsync_dir
+from pipeline.cache.ledger import Ledger, atomic_write_json, fsync_dir
 
 # Test hook: "after_record:N,before_ledger:M,..." makes the writer SIGKILL its own process at
 # that point (after_record: record N written, its part still open; after_close: a part closed

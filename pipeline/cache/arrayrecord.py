@@ -1,4 +1,4 @@
-"""Reads and verifies a feature cache (no easydel/torch: the trainer uses it).
+"""ArrayRecord parts: reading, verifying and writing them (no easydel/torch: the trainer uses it).
 
 `open_cache(dir)` -> CacheReader: `.manifest`, `len()`, `[i]` -> dict(input_ids, loss_mask,
 features) of sequence i, iteration in sequence order, `.paths` / `.grain_paths` (what
@@ -16,18 +16,15 @@ from typing import Iterator, Sequence
 
 from array_record.python.array_record_module import ArrayRecordReader
 
-from pipeline.cache_format import (
-    MANIFEST_NAME, CacheManifest, PartInfo, decode_record, read_json)
-from pipeline.errors import UserError
-from pipeline.ledger import Ledger
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from pipeline.cache.format import (
+    FILE_GLOB, WRITER_OPTIONS, CacheError, CacheManifest, PartInfo, decode_record, file_crc32)
+from pipeline.cache.ledger import fsync_file
 
 # readahead 0: random access reads exactly one record (Grain uses the same option).
 _RANDOM_OPTIONS = "readahead_buffer_size:0"
 _MAX_OPEN_READERS = 16
-
-
-class CacheError(UserError):
-    """A cache is missing, incomplete or corrupted."""
 
 
 def _open_reader(path: Path, options: str) -> ArrayRecordReader:
@@ -45,16 +42,6 @@ def _close_quietly(reader: ArrayRecordReader) -> None:
         reader.close()
     except RuntimeError:  # a corrupted file also fails on close; the caller already raised
         pass
-
-
-def file_crc32(path: Path, block: int = 1 << 22) -> int:
-    """CRC32 of a file's bytes, streamed (ArrayRecord files have unhashed padding and headers,
-    so the reader's own chunk hashes miss some flips; a whole-file CRC misses none)."""
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def verify_part(directory: Path, part: PartInfo, record_nbytes: int) -> None:
@@ -123,7 +110,7 @@ class CacheReader:
         return CacheError(
             f"{self.directory / self.parts[k].file} record {j} (cache record {index % len(self)})"
             f" is corrupted ({why}); nothing was trained on it. Check the whole cache with "
-            f"`python -m pipeline.cache_verify {self.directory}` and re-dump the bad parts")
+            f"`python -m pipeline.cache.verify {self.directory}` and re-dump the bad parts")
 
     def read_bytes(self, index: int) -> bytes:
         k, j = self.locate(index)
@@ -183,39 +170,35 @@ class CacheReader:
             return reader
 
 
-def load_manifest(directory: Path) -> CacheManifest:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.exists():
-        raise CacheError(f"no feature cache at {directory} ({MANIFEST_NAME} not found)")
-    try:
-        return CacheManifest.from_json(read_json(path))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CacheError(f"{path} is not a valid cache manifest: {e}") from e
+class ArrayRecordParts:
+    """Parts are `shard-...part-....arrayrecord` files in the cache directory."""
 
+    def __init__(self, directory: Path, manifest: CacheManifest):
+        self.directory, self.manifest = Path(directory), manifest
 
-def open_cache(directory, *, verify: bool = False, allow_incomplete: bool = False):
-    """Open the cache in `directory` -> CacheReader (ArrayRecord), TSCacheReader (TensorStore) or
-    HostsReader (multi-process dump), all with `manifest`, `len`, `[i]`, iteration, `verify()`.
-    An unfinished dump is refused unless allow_incomplete, which then exposes the records its
-    ledger committed."""
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    if manifest.complete:
-        parts = manifest.parts
-    elif allow_incomplete:
-        ledger = Ledger.load(directory)
-        parts = ledger.parts if ledger is not None else ()
-    else:
-        raise CacheError(f"the cache at {directory} is incomplete: rerun the dump command to "
-                         "finish it (or pass allow_incomplete=True)")
-    if manifest.hosts > 1:  # a multi-process dump: one sub-cache per host
-        from pipeline.cache_hosts import HostsReader
-        reader = HostsReader(directory, manifest)
-    elif manifest.format == "tensorstore":
-        from pipeline.cache_ts import TSCacheReader
-        reader = TSCacheReader(directory, manifest, parts)
-    else:
-        reader = CacheReader(directory, manifest, parts)
-    if verify:
-        reader.verify()
-    return reader
+    def where(self, name: str) -> str:
+        return str(self.directory / name)
+
+    def names(self) -> set[str]:
+        return {p.name for p in self.directory.glob(FILE_GLOB)}
+
+    def delete(self, name: str) -> None:
+        (self.directory / name).unlink(missing_ok=True)
+
+    def open_writer(self, name: str, capacity: int):
+        return ArrayRecordWriter(str(self.directory / name), WRITER_OPTIONS)
+
+    def write(self, writer, record: bytes) -> None:
+        writer.write(record)
+
+    def close(self, writer, name: str) -> None:
+        writer.close()
+        fsync_file(self.directory / name)
+
+    def checksum(self, name: str) -> tuple[int, int]:
+        """(bytes, CRC32) of a closed part: every byte of the file, padding too."""
+        path = self.directory / name
+        return path.stat().st_size, file_crc32(path)
+
+    def verify(self, part: PartInfo) -> None:
+        verify_part(self.directory, part, self.manifest.record_nbytes)

@@ -1,0 +1,1 @@
+"""The teacher dump: sources, writer thread, multi-host dump, the run itself."""
