@@ -99,16 +99,17 @@ def test_pick_top_p_and_temperature():
     assert draws == kept
 
 
-def test_forward_rows_equals_forward_per_row(target_dir):
+@pytest.mark.parametrize("n", [1, 4])  # 1: the decode path (sliding layers read their window)
+def test_forward_rows_equals_forward_per_row(target_dir, n):
     """The batched forward against the single-sequence cached target, row by row: rows at
-    different positions (past the sliding window), several new tokens on top of a cache."""
+    different positions (past the sliding window), new tokens on top of a cache."""
     import jax.numpy as jnp
 
     from pipeline import target_cached as tc
 
     shape, params, _ = tc.load_target(target_dir, (0,))
     rng = np.random.default_rng(3)
-    starts, n, size = [2, 9, 17], 4, 32
+    starts, size = [2, 9, 17], 32
     prefixes = [rng.integers(1, 200, s).astype(np.int32) for s in starts]
     new = rng.integers(1, 200, (len(starts), n)).astype(np.int32)
     rows_k, rows_v = tc.new_row_cache(shape, len(starts), size)
