@@ -19,6 +19,7 @@ from model.speculators_format import (VERIFIER_OWNED, from_speculators_dict,
 from model.errors import CheckpointError, UserError
 
 MSGPACK_FORMAT = "dflash-tpu-draft/1"
+_SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
 def _hf_names(config: DraftConfig) -> dict[tuple, str]:
