@@ -64,25 +64,42 @@ def _yarn(theta: float, dim: int, params: dict, max_positions: int) -> tuple[np.
     return inv_freq.astype(f32), float(attention_factor)
 
 
-def rope_frequencies(config: DraftConfig) -> tuple[np.ndarray, float]:
-    """(inv_freq float32 [head_dim // 2], attention_scaling) for the config's rope type."""
-    params = config.rope_params
-    rope_type = params.get("rope_type", "default")
-    dim, theta = config.head_dim, config.rope_theta
+def inv_freq_from_params(params: dict, theta: float, head_dim: int,
+                         max_positions: int) -> tuple[np.ndarray, float]:
+    """(inv_freq float32 [head_dim // 2], attention_scaling) from an HF rope dict
+    (`rope_scaling` / `rope_parameters`: rope_type, factor, YaRN's betas, truncate, ...).
+    The one RoPE definition of the project: the draft, the cached target of the harness and the
+    EasyDeL teacher's fixed table all take their frequencies from here."""
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported (GPT-OSS rotates every dim)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "yarn":
-        return _yarn(theta, dim, params, config.max_position_embeddings)
-    inv_freq = (f32(1.0) / _base_frequencies(theta, dim)).astype(f32)
+        return _yarn(theta, head_dim, params, max_positions)
+    if rope_type not in ("default", "linear"):
+        raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, yarn)")
+    inv_freq = (f32(1.0) / _base_frequencies(theta, head_dim)).astype(f32)
     if rope_type == "linear":
         inv_freq = (inv_freq / f32(params["factor"])).astype(f32)
     return inv_freq, 1.0
 
 
+def rope_frequencies(config: DraftConfig) -> tuple[np.ndarray, float]:
+    """(inv_freq float32 [head_dim // 2], attention_scaling) for the config's rope type."""
+    return inv_freq_from_params(config.rope_params, config.rope_theta, config.head_dim,
+                                config.max_position_embeddings)
+
+
+def cos_sin(inv_freq, scaling: float, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin float32 [..., head_dim] for integer positions [...] (attention scaling applied)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
+
+
 def rope_cos_sin(config: DraftConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin float32 [..., head_dim] for integer positions [...] (attention scaling applied)."""
     inv_freq, scaling = rope_frequencies(config)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
+    return cos_sin(inv_freq, scaling, positions)
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:

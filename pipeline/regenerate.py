@@ -23,8 +23,8 @@ import json
 import sys
 
 from pipeline.errors import UserError
-from pipeline.generate import SamplingConfig
-from pipeline.regen_run import RegenerateConfig, run_regenerate
+from pipeline.speculative.generate import SamplingConfig
+from pipeline.regen.run import RegenerateConfig, run_regenerate
 
 _D, _S = RegenerateConfig(), SamplingConfig()
 

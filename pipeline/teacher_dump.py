@@ -32,7 +32,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def _axis_dims(text):
     if text is None:
         return None
-    from pipeline.jax_setup import parse_axis_dims  # no jax import at module level
+    from pipeline.teacher.jax_setup import parse_axis_dims  # no jax import at module level
     return parse_axis_dims(text)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import corpus
+from pipeline.data import corpus
 from pipeline import tokenizer_build
 
 SMALL_VOCAB = 1024

@@ -102,8 +102,8 @@ def make_tokenizer():
 def greedy_sequences(target_dir: Path, layer_ids, n: int = 4, new: int = 32, seed: int = 5):
     """The target's own greedy continuations of random prompts, with its features: what a draft
     must imitate (the paper regenerates training responses with the target for this reason)."""
-    from pipeline import speculative as sp
-    from pipeline.target_cached import CachedTarget
+    from pipeline.speculative import loop as sp
+    from pipeline.speculative.target import CachedTarget
 
     target = CachedTarget(target_dir, layer_ids)
     seqs, feats = [], []

@@ -96,7 +96,7 @@ def errors(features, logits, layer_ids, reference=None) -> dict:
 # A script run in a fresh 1-device process (the mesh always spans every device present).
 ONE_DEVICE_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
-from pipeline.teacher import Teacher
+from pipeline.teacher.easydel_teacher import Teacher
 assert len(jax.devices()) == 1, jax.devices()
 t = Teacher.from_pretrained(sys.argv[1], dtype=jnp.float32, compilation_cache="off")
 data = np.load(sys.argv[2])
@@ -110,7 +110,7 @@ def f32_teacher():
     """The float32 teacher with all fixes on the 8 simulated devices (default mesh shape)."""
     import jax.numpy as jnp
 
-    from pipeline.teacher import Teacher
+    from pipeline.teacher.easydel_teacher import Teacher
 
     return Teacher.from_pretrained(str(tiny_model_dir()), dtype=jnp.float32,
                                    compilation_cache="off")

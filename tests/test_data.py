@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import chat
-from pipeline import corpus
-from pipeline import data
+from pipeline.data import chat
+from pipeline.data import corpus
+from pipeline.data import sequences as data
 from pipeline import tokenizer_build
 from pipeline.errors import UserError
 from tests._data_fixtures import SMALL_VOCAB, build_small_tokenizer, small_tokenizer_texts

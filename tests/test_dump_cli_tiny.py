@@ -50,7 +50,7 @@ def test_tiny_cli_kill_resume_matches_uninterrupted_run(tmp_path, tiny):
     # The records are the data loader's sequences, in order (independent re-tokenization).
     from transformers import AutoTokenizer
 
-    from pipeline.data import iter_sequences
+    from pipeline.data.sequences import iter_sequences
     seqs = iter_sequences(None, AutoTokenizer.from_pretrained(str(tiny)), 64)
     for i, (ids, mask) in zip(range(N), seqs):
         assert (cache[i]["input_ids"] == ids).all() and (cache[i]["loss_mask"] == mask).all()

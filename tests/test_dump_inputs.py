@@ -85,7 +85,7 @@ def test_bad_teacher_snapshot_is_one_line_and_writes_nothing(tmp_path, capsys, d
 def test_teacher_load_refuses_a_pickle_only_snapshot(tmp_path):
     """The teacher itself (spec decode, training checks) validates before EasyDeL sees a file."""
     from pipeline.errors import UserError
-    from pipeline.teacher import Teacher
+    from pipeline.teacher.easydel_teacher import Teacher
     snap = _snapshot(tmp_path, "pickle_only")
     with pytest.raises(UserError, match="holds only pickled weights"):
         Teacher.from_pretrained(str(snap))

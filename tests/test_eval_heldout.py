@@ -51,9 +51,9 @@ def test_heldout_never_trained_on_any_process(data):
 
 
 def _naive_replay(export, teacher_embed, teacher_head, cache, held, block):
-    """Decoder steps with the serving draft (pipeline.draft_cached, KV-cached, one block at a
+    """Decoder steps with the serving draft (pipeline.speculative.draft, KV-cached, one block at a
     time over the context of features < s), independent of the training form."""
-    from pipeline.draft_cached import CachedDraft
+    from pipeline.speculative.draft import CachedDraft
 
     draft = CachedDraft(export, teacher_embed, teacher_head)
     mask_id = draft.shape.mask_token_id

@@ -1,6 +1,6 @@
 """The `DFlashDraft` Linen module: its KV-cached decode form against its inference form (itself
 checked against the reference in test_model_parity.py) and against the harness's current cached
-draft (pipeline/draft_cached.py, an independent implementation, while it exists); its variables
+draft (pipeline/speculative/draft.py, an independent implementation, while it exists); its variables
 against the msgpack and z-lab trees that io.py reads and writes.
 """
 import dataclasses
@@ -83,13 +83,13 @@ def test_cached_decode_equals_inference_form():
 
 
 def test_cached_decode_equals_harness_cached_draft(tmp_path):
-    """Same decode through pipeline/draft_cached.py (its own loader, norms, RoPE, masks) on the
+    """Same decode through pipeline/speculative/draft.py (its own loader, norms, RoPE, masks) on the
     checkpoint the module's params save to: same cache contents, same logits. Goes with
     draft_cached.py when the harness is wired onto the module. Window 9 > B here: with a window
     under B a padded row of a tail block can see no key, and draft_cached's -inf mask turns it
     into NaN that leaks into the valid rows (the module's finite mask does not; the test above
     covers window 5)."""
-    from pipeline import draft_cached
+    from pipeline.speculative import draft as draft_cached
 
     config = dataclasses.replace(CONFIG, sliding_window=9)
     params = _random_params(config, seed=1)

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import data
+from pipeline.data import sequences as data
 from pipeline import regenerate
-from pipeline import speculative as sp
-from pipeline.regen_run import RegenerateConfig, run_regenerate
-from pipeline.generate import SamplingConfig
-from pipeline.target_cached import CachedTarget
+from pipeline.speculative import loop as sp
+from pipeline.regen.run import RegenerateConfig, run_regenerate
+from pipeline.speculative.generate import SamplingConfig
+from pipeline.speculative.target import CachedTarget
 
 NEW, PROMPT = 20, 12
 
@@ -27,7 +27,7 @@ def _build_standin(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
 
-    from pipeline import corpus
+    from pipeline.data import corpus
     from pipeline import tokenizer_build as tb
 
     texts = [t for _, t in zip(range(40), (t for _, t in corpus.iter_texts("train")))]
@@ -69,7 +69,7 @@ def tokenizer(standin):
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
-    from pipeline import corpus
+    from pipeline.data import corpus
     path = tmp_path_factory.mktemp("regen-data") / "code.jsonl"
     texts = [t.strip()[:300] for _, t in zip(range(7), (t for _, t in corpus.iter_texts("heldout")))]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

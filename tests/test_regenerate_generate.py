@@ -1,14 +1,14 @@
-"""Batched KV-cached generation (pipeline.generate) against independent oracles: the cached target
-decoded one sequence at a time (pipeline.speculative.ar_generate), HF torch `generate`, and the
+"""Batched KV-cached generation (pipeline.speculative.generate) against independent oracles: the cached target
+decoded one sequence at a time (pipeline.speculative.loop.ar_generate), HF torch `generate`, and the
 sampling contract (a draw depends on seed and sequence index only, never on the batch)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import speculative as sp
-from pipeline.generate import BatchGenerator, SamplingConfig, pick
-from pipeline.target_cached import CachedTarget
+from pipeline.speculative import loop as sp
+from pipeline.speculative.generate import BatchGenerator, SamplingConfig, pick
+from pipeline.speculative.target import CachedTarget
 from tests._spec_fixtures import make_target, random_prompts
 
 NEW = 24
@@ -105,7 +105,7 @@ def test_forward_rows_equals_forward_per_row(target_dir, n):
     different positions (past the sliding window), new tokens on top of a cache."""
     import jax.numpy as jnp
 
-    from pipeline import target_cached as tc
+    from pipeline.speculative import target as tc
 
     shape, params, _ = tc.load_target(target_dir, (0,))
     rng = np.random.default_rng(3)

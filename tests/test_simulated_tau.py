@@ -1,21 +1,21 @@
-"""Served equals offline: simulated tau (pipeline.simulate, one training-form forward per
+"""Served equals offline: simulated tau (pipeline.speculative.simulate, one training-form forward per
 sequence) equals the harness's tau, step for step, on the target's own greedy outputs.
 
-Oracle: the speculative decoder itself (pipeline.speculative with the cached target and the
+Oracle: the speculative decoder itself (pipeline.speculative.loop with the cached target and the
 cached z-lab draft, an implementation independent of model.draft_hidden_train), run on the same
 prompts with the same draft and max_new_tokens. Features for the simulation come from one
 full-sequence forward of the same cached target (a dump would compute them the same way, with
-EasyDeL instead: see docs in pipeline/simulate.py and the report of issue 13).
+EasyDeL instead: see docs in pipeline/speculative/simulate.py and the report of issue 13).
 """
 import json
 
 import numpy as np
 import pytest
 
-from pipeline import simulate as sim
-from pipeline import speculative as sp
-from pipeline.draft_cached import CachedDraft, load_export
-from pipeline.target_cached import CachedTarget
+from pipeline.speculative import simulate as sim
+from pipeline.speculative import loop as sp
+from pipeline.speculative.draft import CachedDraft, load_export
+from pipeline.speculative.target import CachedTarget
 from tests import _spec_fixtures as fx
 
 LAYERS = (0, 1, 2)
@@ -75,7 +75,7 @@ def test_walk_conventions():
 def test_simulated_equals_served(art, target, which, new):
     """Per prompt, the simulated accepted lengths == the decoder's, step for step; 37 new tokens
     (not a multiple of B=4) exercise the shorter tail blocks at the end."""
-    from pipeline.spec_decode import simulated_steps
+    from pipeline.speculative.harness import simulated_steps
 
     prompts = fx.random_prompts(4, seed=11) + fx.random_prompts(2, (4, 12), seed=5)
     gens, ars = _decode(target, art[which], prompts, new)

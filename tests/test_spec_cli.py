@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.prompts import load_prompts
+from pipeline.data.prompts import load_prompts
 from tools import spec_decode
 
 
@@ -39,7 +39,7 @@ def test_prompt_file_errors_name_file_and_line(tmp_path):
 def test_chat_and_text_prompts_use_the_teacher_tokenizer(tmp_path):
     """`messages` rows go through the tiny teacher's chat template; `prompt` rows are plain text."""
     from tools.make_tiny_teacher import ensure_tiny_teacher
-    from pipeline.prompts import load_tokenizer
+    from pipeline.data.prompts import load_tokenizer
 
     tok = load_tokenizer(ensure_tiny_teacher())
     msgs = [{"role": "user", "content": "write a sort"}]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import speculative as sp
-from pipeline.draft_cached import CachedDraft, load_export
-from pipeline.target_cached import CachedTarget
+from pipeline.speculative import loop as sp
+from pipeline.speculative.draft import CachedDraft, load_export
+from pipeline.speculative.target import CachedTarget
 from tests import _spec_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_cached_draft_matches_reference_forward(art):
     import torch
     from dflash.model import DFlashDraftModel
 
-    from pipeline import draft_cached as dc
+    from pipeline.speculative import draft as dc
 
     ref = DFlashDraftModel.from_pretrained(art["untrained"], dtype=torch.float32).eval()
     s, params = dc.load_export(art["untrained"])
@@ -143,8 +143,8 @@ def test_cached_equals_naive(art, target):
     tokens and the same accepted-length sequence (and both equal the Teacher's own AR decode)."""
     import jax.numpy as jnp
 
-    from pipeline.spec_naive import NaiveDraft, NaiveTarget
-    from pipeline.teacher import Teacher
+    from pipeline.speculative.naive import NaiveDraft, NaiveTarget
+    from pipeline.teacher.easydel_teacher import Teacher
 
     teacher = Teacher.from_pretrained(str(art["target"]), dtype=jnp.float32)
     naive_t = NaiveTarget(teacher, LAYERS)

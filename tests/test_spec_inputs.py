@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.prompts import load_prompts
+from pipeline.data.prompts import load_prompts
 from tests import _spec_fixtures as fx
 from tools import spec_decode
 

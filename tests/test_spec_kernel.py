@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from pipeline import speculative as sp
+from pipeline.speculative import loop as sp
 
 
 def _rows(rng, n, v, peak):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import jax_setup
+from pipeline.teacher import jax_setup
 from pipeline.errors import UserError
-from pipeline.models import hub_cache_dir, resolve_model
+from pipeline.teacher.snapshot import hub_cache_dir, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_compilation_cache_survives_easydel_import(tmp_path, restore_jax_cache_c
     import jax
     import jax.numpy as jnp
 
-    from pipeline.teacher import _import_easydel
+    from pipeline.teacher.easydel_teacher import _import_easydel
 
     _import_easydel()
     assert jax_setup.enable_compilation_cache(tmp_path / "jc", min_compile_secs=0) == tmp_path / "jc"
@@ -115,7 +115,7 @@ def test_compilation_cache_survives_easydel_import(tmp_path, restore_jax_cache_c
 
 
 def test_backend_failure_is_one_line():
-    code = ("from pipeline.jax_setup import start_backend\n"
+    code = ("from pipeline.teacher.jax_setup import start_backend\n"
             "from pipeline.errors import UserError\n"
             "try:\n    start_backend()\nexcept UserError as e:\n    print('USERERROR', e)\n")
     proc = _run(code, JAX_PLATFORMS="tpu")  # no TPU here: JAX fails to start its backend
@@ -129,7 +129,7 @@ def test_backend_failure_is_one_line():
 def test_default_layer_ids_follow_reference(num_layers, k):
     from dflash.model import build_target_layer_ids
 
-    from pipeline.teacher import Teacher
+    from pipeline.teacher.easydel_teacher import Teacher
 
     fake = Teacher.__new__(Teacher)
     fake.num_layers = num_layers

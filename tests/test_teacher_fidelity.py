@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.teacher import Teacher
+from pipeline.teacher.easydel_teacher import Teacher
 from tests._teacher_fixtures import (ONE_DEVICE_SCRIPT, errors, f32_teacher, hf_reference, inputs,
                                      max_rel_err, tiny_model_dir)
 

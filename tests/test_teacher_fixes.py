@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pipeline import easydel_fixes
-from pipeline.teacher import Teacher, load_easydel_model
+from pipeline.teacher import fixes as easydel_fixes
+from pipeline.teacher.easydel_teacher import Teacher, load_easydel_model
 from tests._teacher_fixtures import errors, f32_teacher, inputs, tiny_model_dir
 
 LAYERS = (0, 1, 2, 3)

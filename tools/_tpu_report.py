@@ -166,7 +166,7 @@ def draft_report(opts) -> dict:
 
 def teacher_report(opts) -> dict:
     """Compile the dump's teacher forward (features of K layers) for opts.topology."""
-    from pipeline.jax_setup import parse_axis_dims
+    from pipeline.teacher.jax_setup import parse_axis_dims
     from model.config import build_target_layer_ids
     from tools._tpu_teacher import compile_forward
     from train import aot

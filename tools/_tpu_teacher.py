@@ -1,4 +1,4 @@
-"""The dump's teacher forward (pipeline.teacher `_forward`, EasyDeL GPT-OSS with the fidelity
+"""The dump's teacher forward (pipeline.teacher.easydel_teacher `_forward`, EasyDeL GPT-OSS with the fidelity
 fixes) compiled for a TPU topology with abstract weights: no checkpoint is read, no parameter is
 allocated.
 
@@ -6,7 +6,7 @@ EasyDeL's own torch loader builds the module with `lazy_init` (nnx.eval_shape: e
 ShapeDtypeStruct) before it streams the weights in; here the streaming is skipped. Its mesh is
 set to one over the topology's devices (`config.set_model_mesh`), the params take the shardings
 of EasyDeL's partition rules for that mesh (as `fully_shard` derives them), and the jitted forward
-is lowered on the abstract state. The four fixes of pipeline/easydel_fixes.py are applied as the
+is lowered on the abstract state. The four fixes of pipeline/teacher/fixes.py are applied as the
 dump applies them, except that `rope_table`'s float32 table is an abstract input of the same
 shape (device_put onto a topology device is impossible; its values do not change the program).
 """
@@ -24,15 +24,15 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pipeline import easydel_fixes
-from pipeline import jax_setup
+from pipeline.teacher import fixes as easydel_fixes
+from pipeline.teacher import jax_setup
 from pipeline.errors import UserError
 
 
 def build_abstract(hf_config: dict, mesh_devices, axis_dims, *, dtype=jnp.bfloat16,
                    attn_mechanism: str = "vanilla"):
     """(graphdef, abstract sharded state, mesh) of EasyDeL's GptOssForCausalLM, no weights."""
-    from pipeline.teacher import _import_easydel
+    from pipeline.teacher.easydel_teacher import _import_easydel
     from easydel.infra.utils import ModuleCaches, sanitize_partition_spec_for_shape
     from easydel.modules.auto.auto_configuration import get_modules_by_type
     from easydel.infra.factory import TaskType
@@ -80,7 +80,7 @@ def build_abstract(hf_config: dict, mesh_devices, axis_dims, *, dtype=jnp.bfloat
 def compile_forward(hf_config: dict, devices, axis_dims, *, batch: int, seq_len: int,
                     layer_ids, dtype=jnp.bfloat16):
     """(compiled, seconds, mesh) of the dump's jitted features forward at [batch, seq_len]."""
-    from pipeline.teacher import _forward
+    from pipeline.teacher.easydel_teacher import _forward
 
     graphdef, state, mesh = build_abstract(hf_config, devices, axis_dims, dtype=dtype)
     dp = dict(mesh.shape)["dp"]

@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
 
     from pipeline.dump.run import DumpConfig, _batches, run_dump, select_layers
-    from pipeline.teacher import Teacher
+    from pipeline.teacher.easydel_teacher import Teacher
 
     teacher = Teacher.from_pretrained(a.model, dtype=jnp.dtype(a.dtype))
     seqs = _sequences(a.n, a.seq_len, teacher.vocab_size)

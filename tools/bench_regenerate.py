@@ -1,4 +1,4 @@
-"""Teacher regeneration throughput: generated tokens/s at batch 64 vs batch 1 (pipeline.generate).
+"""Teacher regeneration throughput: generated tokens/s at batch 64 vs batch 1 (pipeline.speculative.generate).
 
     python -m tools.bench_regenerate --model tiny [--batch-sizes 1,64] [--new-tokens 128]
 
@@ -18,10 +18,10 @@ from tools._bench_common import machine
 
 
 def main(argv=None) -> int:
-    from pipeline import regen_prompts as rp
-    from pipeline.generate import BatchGenerator, SamplingConfig
-    from pipeline.models import resolve_model
-    from pipeline.prompts import load_tokenizer
+    from pipeline.regen import prompts as rp
+    from pipeline.speculative.generate import BatchGenerator, SamplingConfig
+    from pipeline.teacher.snapshot import resolve_model
+    from pipeline.data.prompts import load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m tools.bench_regenerate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")

@@ -17,7 +17,7 @@ from pipeline.errors import UserError
 
 
 def parse(argv=None):
-    from pipeline.spec_decode import SpecConfig
+    from pipeline.speculative.harness import SpecConfig
 
     ap = argparse.ArgumentParser(prog="python -m tools.spec_decode", description=__doc__.splitlines()[0])
     ap.add_argument("--draft", required=True, help="z-lab export dir of the draft (<run>/export)")
@@ -38,7 +38,7 @@ def parse(argv=None):
     ap.add_argument("--no-ngram", action="store_true", help="skip the n-gram prompt-lookup baseline")
     ap.add_argument("--simulate", action="store_true",
                     help="greedy: also print simulated tau (one training-form forward over each "
-                         "greedy output, pipeline.simulate) and whether it matches, step for step")
+                         "greedy output, pipeline.speculative.simulate) and whether it matches, step for step")
     a = ap.parse_args(argv)
     extra = []
     for item in a.compare_draft:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = parse(argv)
-        from pipeline.spec_decode import format_table, json_line, run
+        from pipeline.speculative.harness import format_table, json_line, run
         report = run(cfg, log=lambda m: print(m, file=sys.stderr))
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

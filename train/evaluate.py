@@ -2,8 +2,8 @@
 the run never trains on (`--eval-data`, or the split of train/heldout.py).
 
 Per held-out sequence, one training-form forward with an anchor at every position (plus the
-short tail blocks) gives the draft's argmax for every block (`pipeline.simulate`); from them:
-  eval_sim_tau       the decoder's tau replayed on the sequence (pipeline.simulate.walk: what
+short tail blocks) gives the draft's argmax for every block (`pipeline.speculative.simulate`); from them:
+  eval_sim_tau       the decoder's tau replayed on the sequence (pipeline.speculative.simulate.walk: what
                      greedy serving measures on target-regenerated data);
   eval_acc_slot{k}   top-1 accuracy of slot k over every anchor the trainer could draw (t and
                      t+1 supervised), slot k counted where t+k is supervised: the training
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pipeline import simulate as sim
+from pipeline.speculative import simulate as sim
 from train.anchors import valid_anchor_positions
 from train.loss import decay_weights
 from train.mesh import batch_sharding

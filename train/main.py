@@ -9,7 +9,7 @@ per sequence, AdamW 6e-4, 4% warmup + cosine, clip 1.0). Ends by printing one JS
 Held-out evaluation: --eval-fraction of the cache (default 2%, at most --eval-max sequences) is
 never trained on, or --eval-data names a separate cache; every --eval-every steps and at the
 end, per-slot accuracy, loss and simulated tau (what greedy serving measures, replayed offline:
-pipeline/simulate.py) on it go to metrics.jsonl (eval_* keys) and TensorBoard (eval/).
+pipeline/speculative/simulate.py) on it go to metrics.jsonl (eval_* keys) and TensorBoard (eval/).
 
 Before the first step the compiled step's memory is estimated (train/memory.py, also written to
 <run>/memory.json); a run that cannot fit stops with one line naming the flags that shrink it. A

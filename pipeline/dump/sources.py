@@ -72,11 +72,11 @@ def _content_digest(path: Path, h) -> None:
 
 def data_identity(data: str | None) -> dict:
     """The data source and a fingerprint of the content of exactly the files the reader reads
-    (pipeline.data.resolve_source: not __pycache__, not files of other types), so an edit of
+    (pipeline.data.sequences.resolve_source: not __pycache__, not files of other types), so an edit of
     the data between a kill and the resume is refused even when no size changes."""
     import xxhash
 
-    from pipeline.data import resolve_source
+    from pipeline.data.sequences import resolve_source
     if data is None or data.startswith("builtin"):
         return {"source": data or "builtin"}
     files = []
@@ -116,7 +116,7 @@ def check_seq_len(config, cfg: dict) -> None:
 def _snapshot_info(config, path: Path) -> TeacherInfo:
     """Everything the dump needs from the snapshot, validated before any file is written:
     config.json (JSON, GPT-OSS, its sizes), safetensors weights present, --seq-len in range."""
-    from pipeline.models import check_weights, read_config
+    from pipeline.teacher.snapshot import check_weights, read_config
     cfg_path = path / "config.json"
     cfg = read_config(path)
     check_weights(path)
@@ -135,7 +135,7 @@ def teacher_info(config, teacher=None) -> TeacherInfo:
     """Shape and identity of the teacher named by config.model, or of an injected one (a loaded
     `Teacher` is identified by its snapshot; a stand-in by its `identity` attribute)."""
     if teacher is None:
-        from pipeline.models import resolve_model
+        from pipeline.teacher.snapshot import resolve_model
         return _snapshot_info(config, Path(resolve_model(config.model)).resolve())
     path = getattr(teacher, "path", None)
     if path is not None and (Path(path) / "config.json").is_file():
@@ -153,8 +153,8 @@ def load_teacher(config, info: TeacherInfo):
     """The EasyDeL teacher (imported here: the cache modules must not pull in easydel)."""
     import jax.numpy as jnp
 
-    from pipeline.jax_setup import process_local_devices
-    from pipeline.teacher import Teacher
+    from pipeline.teacher.jax_setup import process_local_devices
+    from pipeline.teacher.easydel_teacher import Teacher
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config.dtype]
     with process_local_devices():  # multi-process dump: each process's teacher is its own
         return Teacher.from_pretrained(str(info.model_path), dtype=dtype,
@@ -165,7 +165,7 @@ def default_sequences(config, info: TeacherInfo):
     """The packed (input_ids, loss_mask) sequences of --data, tokenized by the teacher's tokenizer."""
     from transformers import AutoTokenizer
 
-    from pipeline.data import iter_sequences
+    from pipeline.data.sequences import iter_sequences
     if info.tokenizer is None:
         raise UserError("the teacher has no tokenizer to encode --data with")
     try:

@@ -1,6 +1,6 @@
 """`--naive` oracles: recompute everything, every step, through the project's official forwards.
 
-The target is `pipeline.teacher.Teacher` (EasyDeL, with our fixes) run over the whole sequence;
+The target is `pipeline.teacher.easydel_teacher.Teacher` (EasyDeL, with our fixes) run over the whole sequence;
 the draft is `model.draft_hidden` over the whole context. No caches, no padding tricks: slow,
 obviously right, and the reference that the cached adapters must equal token for token.
 """
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.target_cached import bucket
+from pipeline.speculative.target import bucket
 
 
 class NaiveTarget:

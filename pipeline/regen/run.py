@@ -22,7 +22,7 @@ import types
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.generate import SamplingConfig
+from pipeline.speculative.generate import SamplingConfig
 from pipeline.cache.ledger import atomic_write_json, fsync_dir
 
 LEDGER = "regenerate-ledger.json"
@@ -58,8 +58,8 @@ class RegenerateConfig:
 
 def stop_ids(model_dir: Path, hf_cfg: dict, tokenizer, plain_text: bool) -> tuple[int, ...]:
     """EOS ids of generation_config.json (else config.json); for plain-text prompts also the
-    document separator the teacher ends documents with (pipeline.data.DOC_SEPARATOR)."""
-    from pipeline.data import DOC_SEPARATOR
+    document separator the teacher ends documents with (pipeline.data.sequences.DOC_SEPARATOR)."""
+    from pipeline.data.sequences import DOC_SEPARATOR
 
     ids = hf_cfg.get("eos_token_id")
     gen = model_dir / "generation_config.json"
@@ -154,10 +154,10 @@ def _commit_part(out: Path, ledger: dict, lines: list[str], done: int) -> dict:
 def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int | None = None) -> dict:
     """Regenerate (or resume, or recognise as complete) into config.out; returns a summary.
     `stop_after_parts` (tests) returns after that many parts of this run, as a kill would."""
-    from pipeline import regen_prompts as rp
-    from pipeline.generate import BatchGenerator
-    from pipeline.models import read_config, resolve_model
-    from pipeline.prompts import load_tokenizer
+    from pipeline.regen import prompts as rp
+    from pipeline.speculative.generate import BatchGenerator
+    from pipeline.teacher.snapshot import read_config, resolve_model
+    from pipeline.data.prompts import load_tokenizer
 
     config.validate()
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """GPT-OSS target with a KV cache, in pure JAX, for speculative decoding.
 
 Why our own forward: EasyDeL 0.3.0's cache path does not go through the fixes of
-`pipeline.easydel_fixes` (sliding window width, MoE softmax, RoPE truncate), and a verify step
+`pipeline.teacher.fixes` (sliding window width, MoE softmax, RoPE truncate), and a verify step
 needs "B new tokens on top of a cache, then roll back the rejected ones". Here the cache is a
 fixed [L, S, kv, hd] buffer per K and V: a step writes positions start..start+n-1, and a query at
 position p only reads keys <= p, so entries of rejected tokens are never read and rolling back
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline import hf_rope as rope
+from pipeline.speculative import hf_rope as rope
 from pipeline.errors import UserError
 
 
@@ -231,7 +231,7 @@ def forward_rows(s: TargetShape, params, cache, tokens, pos):
     so no step restacks them; `new_row_cache`); S must be > every written position (scatters
     drop out-of-range writes).
 
-    Same math as `forward` row by row (batched regeneration, pipeline.generate); not jitted on its
+    Same math as `forward` row by row (batched regeneration, pipeline.speculative.generate); not jitted on its
     own: it is traced into the caller's program."""
     ks, vs = cache
     b, n = tokens.shape
@@ -272,7 +272,7 @@ def bucket(n: int, step: int) -> int:
 
 
 class CachedTarget:
-    """Target adapter for pipeline.speculative: prefill / extend with a rolling KV cache."""
+    """Target adapter for pipeline.speculative.loop: prefill / extend with a rolling KV cache."""
 
     def __init__(self, path, feature_layers, *, max_len: int = 4096):
         self.shape, self.params, self.hf_config = load_target(path, feature_layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.chat import validate_messages
+from pipeline.data.chat import validate_messages
 from pipeline.errors import UserError
 
 HUMANEVAL_LIKE = (
@@ -26,7 +26,7 @@ HUMANEVAL_LIKE = (
 
 def builtin_texts(n: int = 8, chars: int = 400) -> list[str]:
     """Deterministic held-out code snippets (first `chars` characters of held-out stdlib files)."""
-    from pipeline import corpus
+    from pipeline.data import corpus
 
     texts = list(HUMANEVAL_LIKE)
     for _, text in corpus.iter_texts("heldout"):

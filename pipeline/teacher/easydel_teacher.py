@@ -19,10 +19,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pipeline import easydel_fixes
-from pipeline import jax_setup
+from pipeline.teacher import fixes as easydel_fixes
+from pipeline.teacher import jax_setup
 from pipeline.errors import UserError
-from pipeline.models import DEFAULT_MODEL, check_weights, read_config, resolve_model
+from pipeline.teacher.snapshot import DEFAULT_MODEL, check_weights, read_config, resolve_model
 
 
 def _import_easydel():

@@ -7,8 +7,8 @@ d_k == target argmax at slot k-1; block[0..a] plus the target's token at slot a 
 `produced` = a + 1, cut at max_length and after a stop token; the features of the `produced`
 committed positions join the draft context; the bonus token is the next anchor.
 
-Targets and proposers are duck-typed adapters (pipeline.target_cached / draft_cached, or the
-naive recompute-everything ones in pipeline.spec_naive):
+Targets and proposers are duck-typed adapters (pipeline.speculative.target / draft_cached, or the
+naive recompute-everything ones in pipeline.speculative.naive):
   target.reset(capacity); target.run(tokens, start, n_valid, pad_to) -> (logits [n, V], feats [n, F])
   proposer.reset(capacity); proposer.commit(feats); proposer.propose(seq, v, temperature, rng)
     -> (tokens [<= v-1], q [len, V] or None)
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.target_cached import bucket
+from pipeline.speculative.target import bucket
 
 
 @dataclass

@@ -2,7 +2,7 @@
 computed offline from training-form draft forwards.
 
 On target-regenerated greedy data a sequence IS what the target decodes, so the decoder's steps
-can be replayed without the target. The conventions are `pipeline.speculative`'s, step for step:
+can be replayed without the target. The conventions are `pipeline.speculative.loop`'s, step for step:
 
 - A generated region ("run") is a maximal run [r0, r1) of loss_mask == 1 positions. Serving
   would prefill x[:r0] (its prefill emits x[r0], the first generated token) and stop at

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline import hf_rope as rope
+from pipeline.speculative import hf_rope as rope
 from pipeline.errors import UserError
-from pipeline.target_cached import bucket, read_safetensors, rms_norm
+from pipeline.speculative.target import bucket, read_safetensors, rms_norm
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def propose_logits(s: DraftShape, params, cache, embedding, lm_head, tokens, ctx
 
 
 class CachedDraft:
-    """Draft adapter for pipeline.speculative: append committed features, propose a block."""
+    """Draft adapter for pipeline.speculative.loop: append committed features, propose a block."""
 
     def __init__(self, path, embedding, lm_head):
         self.shape, self.params = load_export(path)

@@ -31,8 +31,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import chat
-from pipeline import corpus
+from pipeline.data import chat
+from pipeline.data import corpus
 from pipeline.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".py")

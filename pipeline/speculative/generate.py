@@ -1,6 +1,6 @@
 """Batched, KV-cached generation with the GPT-OSS target: greedy or sampled, one jitted program.
 
-The math is `pipeline.target_cached.forward_rows`, the batched twin of the cached target the
+The math is `pipeline.speculative.target.forward_rows`, the batched twin of the cached target the
 speculative harness is tested with (`forward`; the tests hold the two token-identical): every row
 has its own cache and its own position, so prompts of different lengths need no left padding and
 RoPE sees true positions. The caches are per-layer buffers carried through the decode loop and
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline import target_cached as tc
+from pipeline.speculative import target as tc
 from pipeline.errors import UserError
 
 

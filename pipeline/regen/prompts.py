@@ -1,6 +1,6 @@
 """Prompts for teacher regeneration, and the records that carry the teacher's answers to the dump.
 
-Read with `pipeline.data.iter_records` (the dump's sources: jsonl / parquet / saved datasets /
+Read with `pipeline.data.sequences.iter_records` (the dump's sources: jsonl / parquet / saved datasets /
 text files / builtin corpus splits), so regeneration takes exactly what the dump takes.
 
   chat (`messages`)   the turns before the first assistant turn are the prompt; the teacher writes
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from pipeline import data
+from pipeline.data import sequences as data
 from pipeline.errors import UserError
 
 _SENTINEL = "\u2063DFLASH_REGENERATE\u2063"

@@ -7,7 +7,7 @@ accepted lengths, per-slot acceptance, target forwards per token, tokens/s, and 
 (every greedy speculative output equals the AR output token for token).
 
 `simulate` (greedy only) also replays each DFlash draft offline on the AR outputs
-(`pipeline.simulate`: one training-form forward over prompt + output, features from one
+(`pipeline.speculative.simulate`: one training-form forward over prompt + output, features from one
 full-sequence forward of the same target): `sim_tau` next to `tau`, and `sim_matches` = every
 prompt's simulated accepted lengths equal the decoded ones, step for step. A mismatch means the
 served draft is not the trained one (a dropped config field, a position offset, a wrong layer),
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import speculative as sp
+from pipeline.speculative import loop as sp
 from pipeline.errors import UserError
 
 
@@ -40,19 +40,19 @@ class SpecConfig:
     extra_drafts: tuple = ()  # ((label, export dir), ...) compared on the same prompts
     ngram: bool = True  # also run the n-gram prompt-lookup baseline
     label: str = "dflash"  # name of the main draft in the table and report["drafts"]
-    simulate: bool = False  # also report simulated tau (pipeline.simulate) per DFlash draft
+    simulate: bool = False  # also report simulated tau (pipeline.speculative.simulate) per DFlash draft
 
 
 def build_target(model_dir: Path, layer_ids, naive: bool):
     """(target adapter, embedding [V, H], lm_head [V, H])."""
-    from pipeline.target_cached import CachedTarget
+    from pipeline.speculative.target import CachedTarget
 
     if not naive:
         t = CachedTarget(model_dir, layer_ids)
         return t, t.params["embed"], t.params["lm_head"]
     import jax.numpy as jnp
-    from pipeline.spec_naive import NaiveTarget
-    from pipeline.teacher import Teacher
+    from pipeline.speculative.naive import NaiveTarget
+    from pipeline.teacher.easydel_teacher import Teacher
 
     teacher = Teacher.from_pretrained(str(model_dir), dtype=jnp.float32)
     return NaiveTarget(teacher, layer_ids), teacher.embedding, teacher.lm_head
@@ -60,9 +60,9 @@ def build_target(model_dir: Path, layer_ids, naive: bool):
 
 def build_draft(export: str, embedding, lm_head, naive: bool):
     if naive:
-        from pipeline.spec_naive import NaiveDraft
+        from pipeline.speculative.naive import NaiveDraft
         return NaiveDraft(export, embedding, lm_head)
-    from pipeline.draft_cached import CachedDraft
+    from pipeline.speculative.draft import CachedDraft
     return CachedDraft(export, embedding, lm_head)
 
 
@@ -107,15 +107,15 @@ def summarize(gens: list, block_size: int) -> dict:
 
 def run(cfg: SpecConfig, log=print) -> dict:
     """Run the harness; returns the report dict (what the JSON line prints)."""
-    from pipeline.draft_cached import load_export
-    from pipeline.prompts import load_prompts, load_tokenizer
+    from pipeline.speculative.draft import load_export
+    from pipeline.data.prompts import load_prompts, load_tokenizer
 
     if cfg.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     if cfg.temperature < 0:
         raise UserError("--temperature must be >= 0")
-    from pipeline.models import resolve_model
-    from pipeline.target_cached import load_hf_config
+    from pipeline.teacher.snapshot import resolve_model
+    from pipeline.speculative.target import load_hf_config
 
     model_dir = Path(resolve_model(cfg.model))
     teacher = load_hf_config(model_dir)
@@ -141,7 +141,7 @@ def run(cfg: SpecConfig, log=print) -> dict:
     if cfg.ngram:
         proposers["ngram"] = sp.NgramProposer()
     stop = (tok.eos_token_id,) if cfg.stop_at_eos and tok is not None and tok.eos_token_id is not None else ()
-    from pipeline.target_cached import bucket
+    from pipeline.speculative.target import bucket
 
     # one cache size for all prompts, and a warm-up per prefill bucket, so that jit compiles
     # before the clock runs and tokens/s measures decoding, not compilation
@@ -194,15 +194,15 @@ def run(cfg: SpecConfig, log=print) -> dict:
 
 
 def simulated_steps(export, block: int, target, embedding, lm_head, prompts, ar) -> list:
-    """Per prompt, the accepted lengths `pipeline.simulate` predicts for the draft at `export`
+    """Per prompt, the accepted lengths `pipeline.speculative.simulate` predicts for the draft at `export`
     on prompt + its greedy AR output (the generated region is the output)."""
     import dataclasses
 
     import jax.numpy as jnp
 
     from model.io import load_draft
-    from pipeline.simulate import simulate_sequence
-    from pipeline.target_cached import bucket
+    from pipeline.speculative.simulate import simulate_sequence
+    from pipeline.speculative.target import bucket
 
     config, params = load_draft(export, dtype=jnp.float32)
     config = dataclasses.replace(config, block_size=block)

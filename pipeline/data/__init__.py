@@ -1,0 +1,1 @@
+"""Input data: corpus, chat templates, tokenized sequences with loss masks, prompts."""

@@ -1,0 +1,1 @@
+"""Teacher regeneration (self-distillation data): prompts, the resumable batched job."""

@@ -1,0 +1,1 @@
+"""Speculative decoding: cached target and draft, proposers, the loop, the naive oracle, teacher generation."""
