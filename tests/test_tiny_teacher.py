@@ -11,8 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline import data
-from pipeline.tiny_teacher_train import TinyTeacherConfig, pack_documents
+from pipeline.data import sequences as data
+from pipeline.teacher.tiny_recipe import TinyTeacherConfig, pack_documents
 from tools import make_tiny_teacher as mtt
 
 # A build in seconds with the real architecture; only data and steps shrink.
@@ -110,7 +110,7 @@ def test_snapshot_is_a_standard_gpt_oss_snapshot(snapshot):
 
 @pytest.mark.slow
 def test_tiny_teacher_learned_far_beyond_unigram(snapshot):
-    """Held-out perplexity, recomputed independently through transformers and pipeline.data."""
+    """Held-out perplexity, recomputed independently through transformers and pipeline.data.sequences."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,7 +122,7 @@ def test_tiny_teacher_learned_far_beyond_unigram(snapshot):
     T = report["config"]["seq_len"]
     rows = [r for r, _ in itertools.islice(data.iter_sequences("builtin:heldout", tok, T), 16)]
     # the dump's packing is the teacher's training packing (same documents, separator, cuts)
-    from pipeline import corpus
+    from pipeline.data import corpus
 
     texts = [t for _, t in corpus.iter_texts("heldout")][:40]
     packed = pack_documents([tok(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts],
