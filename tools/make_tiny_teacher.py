@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.data import corpus
 from pipeline.errors import UserError
-from pipeline.teacher.tiny_recipe import (
+from pipeline.tiny_teacher_train import (
     TinyTeacherConfig,
     heldout_perplexity,
     pack_documents,
@@ -75,7 +75,7 @@ def _finish_config(snapshot: Path, hf_config, special_ids: dict[str, int]) -> No
 def build(out: Path | str = DEFAULT_OUT, cfg: TinyTeacherConfig = TinyTeacherConfig(),
           corpus_dir: Path | None = None, log=print) -> Path:
     """Train and save the tiny teacher to `out` (replacing what is there); returns `out`."""
-    from pipeline.teacher import tokenizer as tokenizer_build
+    from pipeline import tokenizer_build as tokenizer_build
     import torch
     import transformers
 
