@@ -116,8 +116,9 @@ def test_tiny_teacher_learned_far_beyond_unigram(snapshot):
 
     report = json.loads((snapshot / mtt.REPORT).read_text())
     print(f"report: held-out ppl {report['heldout_perplexity']:.2f}, unigram {report['unigram_perplexity']:.2f}")
-    # "far below": at least one nat per token better than the best context-free model
-    assert math.log(report["unigram_perplexity"] / report["heldout_perplexity"]) > 1.0
+    # The default recipe gives 1.14 nats per token over the best context-free model (ppl 281 vs
+    # 878); issue 11 asks for 2.0, which ~6 CPU minutes of this torch step do not reach.
+    assert math.log(report["unigram_perplexity"] / report["heldout_perplexity"]) >= 1.1
     tok = AutoTokenizer.from_pretrained(snapshot)
     T = report["config"]["seq_len"]
     rows = [r for r, _ in itertools.islice(data.iter_sequences("builtin:heldout", tok, T), 16)]
@@ -138,4 +139,16 @@ def test_tiny_teacher_learned_far_beyond_unigram(snapshot):
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         loss = model(input_ids=batch, labels=batch).loss.item()
     print(f"recomputed on {len(rows)} held-out rows: ppl {math.exp(loss):.2f} vs unigram {unigram:.2f}")
-    assert math.log(unigram) - loss > 1.0
+    assert math.log(unigram) - loss >= 1.2  # 1.26 for the default recipe
+
+
+@pytest.mark.slow
+def test_default_teacher_reproduces_the_pinned_weights(snapshot):
+    """Two builds of the default recipe, on any machine of this type, give the same weights."""
+    report = json.loads((snapshot / mtt.REPORT).read_text())
+    assert report["config"] == dataclasses.asdict(TinyTeacherConfig())
+    assert report["recipe_version"] == mtt.RECIPE_VERSION
+    assert len(mtt.EXPECTED_WEIGHTS_SHA256) == 64
+    assert report["expected_weights_sha256"] == mtt.EXPECTED_WEIGHTS_SHA256
+    # the file itself, hashed here, not only the hash the builder wrote down
+    assert _sha(snapshot / "model.safetensors") == report["weights_sha256"] == mtt.EXPECTED_WEIGHTS_SHA256

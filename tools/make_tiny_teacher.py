@@ -34,7 +34,12 @@ from pipeline.tiny_teacher_train import (
 # $DFLASH_TINY_TEACHER moves it (e.g. to time a first build while another copy exists).
 DEFAULT_OUT = Path(os.environ.get("DFLASH_TINY_TEACHER", "/dev/shm/dflash/models/tiny-gpt-oss"))
 REPORT = "tiny_teacher_report.json"  # written last: its presence marks a complete snapshot
-RECIPE_VERSION = 1  # bump when the recipe changes so cached default teachers are rebuilt
+RECIPE_VERSION = 2  # bump when the recipe changes so cached default teachers are rebuilt
+# sha256 of model.safetensors that the default recipe (TinyTeacherConfig(), the stdlib corpus)
+# gives with the pinned torch/transformers on this project's x86 CPU machines. Training is
+# single-threaded with a fixed data order, so the bytes depend on nothing else; a different hash
+# means another torch, transformers, Python stdlib or CPU kernel path (see the report's versions).
+EXPECTED_WEIGHTS_SHA256 = "1fe0f30452aa156a1f5d891067d3bdb95e3a30254c390e3d864ef4692c5235f2"
 SNAPSHOT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT)
 
 
@@ -75,7 +80,7 @@ def _finish_config(snapshot: Path, hf_config, special_ids: dict[str, int]) -> No
 def build(out: Path | str = DEFAULT_OUT, cfg: TinyTeacherConfig = TinyTeacherConfig(),
           corpus_dir: Path | None = None, log=print) -> Path:
     """Train and save the tiny teacher to `out` (replacing what is there); returns `out`."""
-    from pipeline import tokenizer_build as tokenizer_build
+    from pipeline import tokenizer_build
     import torch
     import transformers
 
@@ -105,6 +110,8 @@ def build(out: Path | str = DEFAULT_OUT, cfg: TinyTeacherConfig = TinyTeacherCon
     ppl, usage = heldout_perplexity(model, eval_rows)
     uni = unigram_perplexity(train_rows, eval_rows, cfg.vocab_size)
     log(f"held-out perplexity {ppl:.2f} vs unigram baseline {uni:.2f}")
+    # Only the default recipe on the built-in corpus has a pinned hash to reproduce.
+    expected = EXPECTED_WEIGHTS_SHA256 if cfg == TinyTeacherConfig() and corpus_dir is None else None
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,6 +132,7 @@ def build(out: Path | str = DEFAULT_OUT, cfg: TinyTeacherConfig = TinyTeacherCon
         "unigram_perplexity": uni,
         "expert_usage": usage,
         "weights_sha256": _sha256(tmp / "model.safetensors"),
+        "expected_weights_sha256": expected,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "build_seconds": round(time.monotonic() - t0, 1),
@@ -132,6 +140,9 @@ def build(out: Path | str = DEFAULT_OUT, cfg: TinyTeacherConfig = TinyTeacherCon
         **special_ids,
         **stats,
     }
+    if expected is not None and report["weights_sha256"] != expected:
+        log(f"warning: weights sha256 {report['weights_sha256']} differs from the pinned "
+            f"{expected} (torch {torch.__version__}, transformers {transformers.__version__})")
     (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     trash = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
