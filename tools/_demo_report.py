@@ -9,6 +9,7 @@ one shared y scale so the three are comparable at a glance.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 W, H = 1500, 900
@@ -41,7 +42,9 @@ def summary(report: dict, metrics: Path, seconds: float) -> dict:
             "lossless": report["all_lossless"], "block_size": report["block_size"],
             "prompts": report["prompts"],
             "heldout_sim_tau": [[r["step"], round(r["eval_sim_tau"], 3)] for r in held],
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1),
+            # the machine's load beside the wall time: shared CI boxes stretch it severalfold
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def format_summary(s: dict) -> str:
@@ -51,7 +54,7 @@ def format_summary(s: dict) -> str:
             f"{s['tau_trained']:.3f} | untrained {s['tau_untrained']:.3f} | n-gram "
             f"{s['ngram_tau']:.3f} (trained/n-gram {ratio}); lossless {s['lossless']}\n"
             f"held-out simulated tau during training: {traj}\n"
-            f"demo wall time {s['seconds']:.0f} s")
+            f"demo wall time {s['seconds']:.0f} s (load average {' '.join(map(str, s['load_average']))})")
 
 
 def _font(size: int):
