@@ -65,7 +65,12 @@ def from_hf_state_dict(config: DraftConfig, tensors: dict, dtype=None) -> dict:
         x = x.T if keys[-1] == "kernel" else x
         want = _lookup(param_shapes(config), keys)
         if tuple(x.shape) != tuple(want):
-            raise UserError(f"{name}: shape {tuple(x.shape)} but the config needs {tuple(want)}")
+            # fc maps the K concatenated target features to the draft width: a config edited to
+            # another width or K shows up here first, so say which config fields set it
+            why = (f" (hidden_size {config.hidden_size}, {config.num_features} target layers)"
+                   if name == "fc.weight" else "")
+            raise UserError(f"{name}: shape {tuple(x.shape)} but the config needs "
+                            f"{tuple(want)}{why}")
         _set(params, keys, jnp.asarray(x, dtype=dtype or x.dtype))
     return params
 
@@ -177,7 +182,10 @@ def load_draft(path, dtype=None) -> tuple[DraftConfig, dict]:
     tensors = _read_safetensors(path)
     if draft_format(path) == "speculators":
         tensors = {k: v for k, v in tensors.items() if k not in VERIFIER_OWNED}
-    return config, from_hf_state_dict(config, tensors, dtype=dtype)
+    try:
+        return config, from_hf_state_dict(config, tensors, dtype=dtype)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------ msgpack

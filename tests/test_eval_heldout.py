@@ -56,7 +56,7 @@ def _naive_replay(export, teacher_embed, teacher_head, cache, held, block):
     from pipeline.speculative.draft import CachedDraft
 
     draft = CachedDraft(export, teacher_embed, teacher_head)
-    mask_id = draft.shape.mask_token_id
+    mask_id = draft.config.mask_token_id
     steps, correct, count = [], np.zeros(block - 1), np.zeros(block - 1)
     for i in held:
         rec = cache[int(i)]

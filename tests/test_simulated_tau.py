@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.speculative import simulate as sim
 from pipeline.speculative import loop as sp
-from pipeline.speculative.draft import CachedDraft, load_export
+from model import load_config
+from pipeline.speculative.draft import CachedDraft
 from pipeline.speculative.target import CachedTarget
 from tests import _spec_fixtures as fx
 
@@ -36,7 +37,7 @@ def target(art):
 
 
 def _decode(target, draft_dir, prompts, new):
-    shape, _ = load_export(draft_dir)
+    shape = load_config(draft_dir)
     draft = CachedDraft(draft_dir, target.params["embed"], target.params["lm_head"])
     gens, ars = [], []
     for p in prompts:
@@ -79,7 +80,7 @@ def test_simulated_equals_served(art, target, which, new):
 
     prompts = fx.random_prompts(4, seed=11) + fx.random_prompts(2, (4, 12), seed=5)
     gens, ars = _decode(target, art[which], prompts, new)
-    shape, _ = load_export(art[which])
+    shape = load_config(art[which])
     steps = simulated_steps(art[which], shape.block_size, target, target.params["embed"],
                             target.params["lm_head"], prompts, ars)
     for s, g in zip(steps, gens):

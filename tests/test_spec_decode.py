@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from pipeline.speculative import loop as sp
-from pipeline.speculative.draft import CachedDraft, load_export
+from model import load_config
+from pipeline.speculative.draft import CachedDraft
 from pipeline.speculative.target import CachedTarget
 from tests import _spec_fixtures as fx
 
@@ -36,7 +37,7 @@ def target(art):
 
 
 def _spec(target, draft_dir, prompt, new=24, temperature=0.0, seed=0, draft=None):
-    shape, _ = load_export(draft_dir)
+    shape = load_config(draft_dir)
     draft = draft or CachedDraft(draft_dir, target.params["embed"], target.params["lm_head"])
     return sp.speculative_generate(
         target, sp.DFlashProposer(draft, shape.block_size, shape.mask_token_id), prompt,
@@ -65,27 +66,28 @@ def test_cached_target_matches_hf_torch(art, target):
 
 
 def test_cached_draft_matches_reference_forward(art):
-    """Context appended in two padded chunks, full and tail blocks, vs DFlashDraftModel."""
+    """The harness's CachedDraft: context appended in two padded chunks (its own extend), full
+    and tail blocks through the module's cached propose, vs DFlashDraftModel."""
     import jax.numpy as jnp
     import torch
     from dflash.model import DFlashDraftModel
 
-    from pipeline.speculative import draft as dc
-
     ref = DFlashDraftModel.from_pretrained(art["untrained"], dtype=torch.float32).eval()
-    s, params = dc.load_export(art["untrained"])
     rng = np.random.default_rng(0)
     ctx = rng.normal(size=(13, 3 * 64)).astype(np.float32)
     noise = rng.normal(size=(4, 64)).astype(np.float32)
-    z = jnp.zeros((s.num_layers, 64, s.kv_heads, s.head_dim))
-    cache = dc.append_context(s, params, (z, jnp.zeros_like(z)), jnp.asarray(np.pad(ctx[:9], ((0, 7), (0, 0)))),
-                              jnp.int32(0))
-    cache = dc.append_context(s, params, cache, jnp.asarray(ctx[9:]), jnp.int32(9))
+    d = CachedDraft(art["untrained"], np.zeros((fx.VOCAB, 64), np.float32),
+                    np.zeros((fx.VOCAB, 64), np.float32))
+    d.reset(64)
+    d.extend(ctx[:9])  # padded to 16 rows; the next append at 9 overwrites the padding
+    d.extend(ctx[9:])
+    assert d.ctx_len == 13
     for n in (4, 3, 2):
         with torch.no_grad():
             want = ref(position_ids=torch.arange(13 + n)[None], noise_embedding=torch.tensor(noise[None, :n]),
                        target_hidden=torch.tensor(ctx[None])).numpy()[0]
-        got = np.asarray(dc.block_hidden(s, params, cache, jnp.asarray(noise), jnp.int32(13), jnp.int32(n)))[:n]
+        got = np.asarray(d.module.apply(d.variables, d.cache, jnp.asarray(noise)[None], jnp.int32(13),
+                                        jnp.int32(n), method="propose"))[0, :n]
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 

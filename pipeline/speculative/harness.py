@@ -66,14 +66,12 @@ def build_draft(export: str, embedding, lm_head, naive: bool):
     return CachedDraft(export, embedding, lm_head)
 
 
-def check_fits(path, shape, teacher) -> None:
-    """Refuse a draft built for another teacher. The draft reads the teacher's features, embedding
-    and LM head, so any mismatch would still decode "losslessly" (the teacher verifies every
-    token) while measuring nothing; jnp indexing would also silently clamp bad layer/token ids."""
-    from model.io import load_config
-
-    d = load_config(path)
-    layers, ids = int(teacher.num_hidden_layers), shape.target_layer_ids
+def check_fits(path, d, teacher) -> None:
+    """Refuse a draft (DraftConfig d) built for another teacher. The draft reads the teacher's
+    features, embedding and LM head, so any mismatch would still decode "losslessly" (the teacher
+    verifies every token) while measuring nothing; jnp indexing would also silently clamp bad
+    layer/token ids."""
+    layers, ids = int(teacher.num_hidden_layers), d.target_layer_ids
     problems = [f"{name} {mine} but the teacher's is {theirs}" for name, mine, theirs in (
         ("hidden_size", d.hidden_size, teacher.hidden_size),
         ("vocab_size", d.vocab_size, teacher.vocab_size),
@@ -82,8 +80,8 @@ def check_fits(path, shape, teacher) -> None:
         problems.append(f"target_layer_ids {list(ids)} outside the teacher's layers 0..{layers - 1}")
     if len(set(ids)) != len(ids):
         problems.append(f"target_layer_ids {list(ids)} repeat a layer")
-    if not 0 <= shape.mask_token_id < teacher.vocab_size:
-        problems.append(f"mask_token_id {shape.mask_token_id} outside the teacher's vocabulary "
+    if not 0 <= d.mask_token_id < teacher.vocab_size:
+        problems.append(f"mask_token_id {d.mask_token_id} outside the teacher's vocabulary "
                         f"(0..{teacher.vocab_size - 1})")
     if problems:
         raise UserError(f"draft {path} does not fit the teacher: " + "; ".join(problems))
@@ -107,7 +105,7 @@ def summarize(gens: list, block_size: int) -> dict:
 
 def run(cfg: SpecConfig, log=print) -> dict:
     """Run the harness; returns the report dict (what the JSON line prints)."""
-    from pipeline.speculative.draft import load_export
+    import model
     from pipeline.data.prompts import load_prompts, load_tokenizer
 
     if cfg.max_new_tokens < 1:
@@ -119,7 +117,7 @@ def run(cfg: SpecConfig, log=print) -> dict:
 
     model_dir = Path(resolve_model(cfg.model))
     teacher = load_hf_config(model_dir)
-    shape, _ = load_export(cfg.draft)
+    shape = model.load_config(cfg.draft)
     block = cfg.block_size or shape.block_size
     if block < 1:
         raise UserError("--block-size must be >= 1")
@@ -127,8 +125,9 @@ def run(cfg: SpecConfig, log=print) -> dict:
     if len({d[0] for d in drafts} | {"ngram"}) != len(drafts) + 1:
         raise UserError("draft labels must be distinct and not 'ngram'")
     for _, path in drafts:  # every input is checked before the (slow) teacher load
-        other, _ = load_export(path)
+        other = model.load_config(path)
         check_fits(path, other, teacher)
+        model.load_draft(path)  # every tensor's name and shape, and readable files
         if other.target_layer_ids != shape.target_layer_ids:
             raise UserError(f"draft {path} reads target layers {other.target_layer_ids}, "
                             f"but {cfg.draft} reads {shape.target_layer_ids}")
