@@ -17,6 +17,7 @@ from model.draft import param_shapes
 from model.speculators_format import (VERIFIER_OWNED, from_speculators_dict,
                                       is_speculators_config, to_speculators_dict)
 from model.errors import CheckpointError, UserError
+from model.safetensors_io import read_safetensors
 
 MSGPACK_FORMAT = "dflash-tpu-draft/1"
 _SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias"}
@@ -111,31 +112,6 @@ def save_draft(path, config: DraftConfig, params: dict, dtype=None, fmt: str = "
     return path
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    from safetensors import SafetensorError
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({_first_line(e)})") from None
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no *.safetensors weights")
-    tensors = {}
-    for name in files:
-        try:
-            tensors.update(load_file(str(path / name)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path / name}: not a readable safetensors file (truncated or "
-                                  f"corrupt: {_first_line(e)})") from None
-    return tensors
-
-
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -179,7 +155,7 @@ def load_draft(path, dtype=None) -> tuple[DraftConfig, dict]:
     draft params and are dropped."""
     path = Path(path)
     config = load_config(path)
-    tensors = _read_safetensors(path)
+    tensors = read_safetensors(path)
     if draft_format(path) == "speculators":
         tensors = {k: v for k, v in tensors.items() if k not in VERIFIER_OWNED}
     try:

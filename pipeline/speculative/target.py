@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline.speculative import hf_rope as rope
+from model.safetensors_io import read_safetensors
 from pipeline.errors import UserError
 
 
@@ -41,29 +42,6 @@ class TargetShape:
     layer_sliding: tuple  # per layer: True for sliding_attention
     top_k: int
     feature_layers: tuple  # layer ids whose outputs are the draft's features
-
-
-def read_safetensors(path: Path) -> dict:
-    """All tensors of a snapshot dir (single file or sharded) as float32 jax arrays."""
-    from safetensors import safe_open
-
-    from safetensors import SafetensorError
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise UserError(f"no *.safetensors in {path}")
-    out = {}
-    for f in files:
-        # a truncated or overwritten file fails in the header parse or the tensor read; either
-        # way it is the user's file, not our bug: name it in one line
-        try:
-            with safe_open(str(f), framework="flax") as fh:
-                for k in fh.keys():
-                    out[k] = jnp.asarray(fh.get_tensor(k), jnp.float32)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{f}: not a readable safetensors file (truncated or corrupt: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return out
 
 
 def load_hf_config(path):
@@ -86,7 +64,7 @@ def load_target(path, feature_layers) -> tuple[TargetShape, dict, object]:
     bad = [i for i in feature_layers if not 0 <= int(i) < cfg.num_hidden_layers]
     if bad:
         raise UserError(f"feature layers {bad} outside the teacher's {cfg.num_hidden_layers} layers")
-    w = read_safetensors(path)
+    w = {k: jnp.asarray(v, jnp.float32) for k, v in read_safetensors(path).items()}
     if any(k.endswith("_blocks") for k in w):
         raise UserError(f"{path}: MXFP4-quantized experts are not supported by the cached target; "
                         "use --naive or a dequantized snapshot")
