@@ -89,6 +89,17 @@ def rope_frequencies(config: DraftConfig) -> tuple[np.ndarray, float]:
                                 config.max_position_embeddings)
 
 
+def hf_config_frequencies(hf_config) -> tuple[np.ndarray, float]:
+    """(inv_freq, attention_scaling) of a transformers or EasyDeL model config object: its
+    `rope_parameters` (transformers >= 5), else the legacy `rope_scaling` + `rope_theta`."""
+    rope = dict(getattr(hf_config, "rope_parameters", None)
+                or getattr(hf_config, "rope_scaling", None) or {})
+    theta = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        hf_config.hidden_size // hf_config.num_attention_heads)
+    return inv_freq_from_params(rope, theta, int(head_dim), hf_config.max_position_embeddings)
+
+
 def cos_sin(inv_freq, scaling: float, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin float32 [..., head_dim] for integer positions [...] (attention scaling applied)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)

@@ -55,16 +55,18 @@ def test_rope_inv_freq_matches_transformers_yarn(truncate):
     from transformers import GptOssConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    from model.rope import hf_config_frequencies
+
     rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
             "original_max_position_embeddings": 4096, "rope_theta": 150000.0}
     if truncate is not None:
         rope["truncate"] = truncate
     config = GptOssConfig(head_dim=64, rope_parameters=dict(rope))
     hf_inv, hf_scale = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
-    inv, scale = easydel_fixes.hf_rope_inv_freq(rope, 64)
+    inv, scale = hf_config_frequencies(config)
     np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=1e-6)
     assert scale == pytest.approx(hf_scale, rel=1e-12)
-    table = easydel_fixes.rope_table(rope, 64, 300)
+    table = easydel_fixes.rope_table(config, 300)
     assert table.dtype == np.float32 and table.shape == (300, 64)
     np.testing.assert_allclose(table[299, :32], np.cos(299 * hf_inv.double().numpy()) * hf_scale,
                                atol=1e-5)

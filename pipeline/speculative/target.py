@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.speculative import hf_rope as rope
+from model import rope
 from model.safetensors_io import read_safetensors
 from pipeline.errors import UserError
 
@@ -75,7 +75,7 @@ def load_target(path, feature_layers) -> tuple[TargetShape, dict, object]:
         sliding_window=int(cfg.sliding_window or 0),
         layer_sliding=tuple(t == "sliding_attention" for t in cfg.layer_types),
         top_k=cfg.num_experts_per_tok, feature_layers=tuple(int(i) for i in feature_layers))
-    inv, scale = rope.rope_params(cfg)
+    inv, scale = rope.hf_config_frequencies(cfg)
     p = {"embed": w["model.embed_tokens.weight"], "norm": w["model.norm.weight"],
          "lm_head": w.get("lm_head.weight", w["model.embed_tokens.weight"]),
          "inv_freq": jnp.asarray(inv), "rope_scale": jnp.float32(scale), "layers": []}

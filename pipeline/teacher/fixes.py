@@ -18,15 +18,15 @@ one can be dropped the day EasyDeL is fixed:
   q - W < k <= q (W keys). Fix: give EasyDeL's attention W - 1.
 - `rope_table`: the RoPE cos/sin table is cast to bfloat16 (infra/base_config.py
   `get_basic_frequencies`) and YaRN always floors/ceils the correction range, ignoring
-  `truncate: false` that GPT-OSS sets. Fix: a float32 table built with HF's YaRN formula.
+  `truncate: false` that GPT-OSS sets. Fix: a float32 table from model.rope (HF's YaRN formula).
 """
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from model.rope import hf_config_frequencies
 
 FIX_NAMES = ("fp32_load", "moe_routing", "sliding_window", "rope_table")
 ALL_FIXES = frozenset(FIX_NAMES)
@@ -92,58 +92,19 @@ def fix_sliding_window(attn) -> None:
 
 # --- rope_table ------------------------------------------------------------------------------
 
-def hf_rope_inv_freq(rope: dict, head_dim: int) -> tuple[np.ndarray, float]:
-    """(inv_freq [head_dim/2] float32, attention scaling) by HF's formulas ("default" and "yarn").
-
-    Mirrors transformers.modeling_rope_utils `_compute_yarn_parameters`, float32 like its torch
-    code, including `truncate` (default True) and the mscale rule for the attention factor.
-    """
-    base = float(rope["rope_theta"])
-    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "default":
-        return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
-    if rope_type != "yarn":
-        raise ValueError(f"rope_table fix supports rope_type default/yarn, not {rope_type!r}")
-    factor = float(rope["factor"])
-    original = float(rope["original_max_position_embeddings"])
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention = rope.get("attention_factor")
-    if attention is None:
-        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        attention = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
-    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
-
-    def correction_dim(rotations):
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if rope.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
-                   / np.float32(high - low), 0, 1).astype(np.float32)
-    extrapolation = np.float32(1) - ramp
-    inv_freq = (np.float32(1) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - extrapolation) \
-        + (np.float32(1) / pos_freqs) * extrapolation
-    return inv_freq.astype(np.float32), float(attention)
-
-
-def rope_table(rope: dict, head_dim: int, max_positions: int) -> np.ndarray:
-    """float32 [max_positions, rotary_dim]: [cos | sin] * attention scaling, EasyDeL's table layout."""
-    inv_freq, scaling = hf_rope_inv_freq(rope, head_dim)
-    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+def rope_table(config, max_positions: int | None = None) -> np.ndarray:
+    """float32 [max_positions (default the config's), head_dim]: [cos | sin] * attention
+    scaling, EasyDeL's table layout, with the frequencies of model.rope (the project's one RoPE
+    definition, shared with the draft and the harness's cached target)."""
+    inv_freq, scaling = hf_config_frequencies(config)
+    n = config.max_position_embeddings if max_positions is None else max_positions
+    freqs = np.arange(n, dtype=np.float32)[:, None] * inv_freq[None, :]
     return np.concatenate([np.cos(freqs) * np.float32(scaling),
                            np.sin(freqs) * np.float32(scaling)], axis=-1).astype(np.float32)
 
 
 def _rope_dict(config) -> dict:
+    """The config's rope dict with its theta (tools/_tpu_teacher.py reads the rotary width)."""
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     return rope
@@ -154,7 +115,7 @@ def fix_rope_table(base_model, config) -> None:
     from easydel.infra.utils import ModuleCaches
     from jax.sharding import NamedSharding, PartitionSpec
 
-    table = rope_table(_rope_dict(config), config.head_dim, config.max_position_embeddings)
+    table = rope_table(config)
     # An instance attribute shadows EasyDeL's cached_property `frequencies`; as an nnx Cache it
     # travels in the split state, so the jitted forward receives it as an input, not a constant.
     base_model.frequencies = ModuleCaches(
