@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data import corpus
-from pipeline import tokenizer_build
+from pipeline.teacher import tokenizer as tokenizer_build
 
 SMALL_VOCAB = 1024
 

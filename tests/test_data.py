@@ -10,7 +10,7 @@ import pytest
 from pipeline.data import chat
 from pipeline.data import corpus
 from pipeline.data import sequences as data
-from pipeline import tokenizer_build
+from pipeline.teacher import tokenizer as tokenizer_build
 from pipeline.errors import UserError
 from tests._data_fixtures import SMALL_VOCAB, build_small_tokenizer, small_tokenizer_texts
 

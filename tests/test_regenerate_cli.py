@@ -28,7 +28,7 @@ def _build_standin(out: Path) -> Path:
     from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
 
     from pipeline.data import corpus
-    from pipeline import tokenizer_build as tb
+    from pipeline.teacher import tokenizer as tb
 
     texts = [t for _, t in zip(range(40), (t for _, t in corpus.iter_texts("train")))]
     tok = tb.train_bpe(texts, 512)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import sequences as data
-from pipeline.tiny_teacher_train import TinyTeacherConfig, pack_documents
+from pipeline.teacher.tiny_recipe import TinyTeacherConfig, pack_documents
 from tools import make_tiny_teacher as mtt
 
 # A build in seconds with the real architecture; only data and steps shrink.

@@ -32,8 +32,8 @@ def _gpt_oss(layers: int, experts: int) -> dict:
 
 
 def _tiny() -> dict:
-    """The embedded tiny teacher's shapes (pipeline.tiny_teacher_train.TinyTeacherConfig)."""
-    from pipeline.tiny_teacher_train import TinyTeacherConfig
+    """The embedded tiny teacher's shapes (pipeline.teacher.tiny_recipe.TinyTeacherConfig)."""
+    from pipeline.teacher.tiny_recipe import TinyTeacherConfig
 
     t = TinyTeacherConfig()
     return {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"],

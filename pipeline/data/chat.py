@@ -1,7 +1,7 @@
 """Render chat conversations with the tokenizer's chat template and mark the assistant's tokens.
 
 Two ways to find what the assistant wrote:
-  * templates with `{% generation %}` markers (ours, see pipeline.tokenizer_build): transformers'
+  * templates with `{% generation %}` markers (ours, see pipeline.teacher.tokenizer): transformers'
     `apply_chat_template(return_assistant_tokens_mask=True)`;
   * any other template (e.g. a published gpt-oss snapshot's): render each assistant text replaced
     by a sentinel to find its characters in the full rendering, then map them to tokens by offsets.

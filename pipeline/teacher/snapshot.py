@@ -51,7 +51,7 @@ def resolve_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
     """Return the snapshot directory for `--model`; raise UserError naming what was searched."""
     name = str(name_or_path)
     if name == TINY:
-        from tools.make_tiny_teacher import ensure_tiny_teacher
+        from pipeline.teacher.tiny import ensure_tiny_teacher  # torch: imported only for "tiny"
 
         return Path(ensure_tiny_teacher())
     path = Path(name).expanduser()
