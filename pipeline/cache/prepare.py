@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.cache.format import (
     _PROGRESS_KEYS, LEDGER_NAME, MANIFEST_NAME, CacheError, CacheManifest, load_manifest, settings_key)
+from pipeline.cache.arrayrecord import ArrayRecordParts
 from pipeline.cache.parts import part_store
 from pipeline.cache.writer import CacheWriter, CacheWriteError
 from pipeline.errors import UserError
@@ -61,7 +62,7 @@ def remove_cache_files(directory: Path, manifest: CacheManifest | None = None) -
         except CacheError:
             pass
     stores = [part_store(directory, m) for m in manifests if m.format != "arrayrecord"]
-    stores.append(part_store(directory, CacheManifest(1, 1, (0,), 1, 1, {})))  # ArrayRecord
+    stores.append(ArrayRecordParts(directory, None))  # listing and deleting files needs no manifest
     for store in stores:
         for name in store.names():
             store.delete(name)
@@ -102,6 +103,7 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
     _ensure_writable(directory)
     if overwrite:
         remove_cache_files(directory, manifest)
+    store = part_store(directory, manifest)  # built once; the writer carries it on
     key = settings_key(manifest)
     if (directory / MANIFEST_NAME).exists():
         old = load_manifest(directory)
@@ -113,7 +115,7 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
         if old.complete:  # the dump verifies it before calling it complete (cache_verify.py)
             return Prepared(old, None, old.num_records)
     else:
-        stray = sorted(part_store(directory, manifest).names())
+        stray = sorted(store.names())
         if stray or (directory / LEDGER_NAME).exists():
             raise UserError(f"{directory} holds cache files but no {MANIFEST_NAME}; rerun with "
                             "--overwrite to start over")
@@ -124,7 +126,6 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
         except OSError as e:
             raise CacheWriteError(f"starting the cache in {directory} failed: {e}") from e
     # Anything the ledger does not name is a leftover of an interrupted interval.
-    store = part_store(directory, manifest)
     for name in store.names() - {p.file for p in ledger.parts}:
         store.delete(name)
     for name in (MANIFEST_NAME + ".tmp", LEDGER_NAME + ".tmp"):
@@ -135,7 +136,7 @@ def prepare_cache(directory, manifest: CacheManifest, *, overwrite: bool = False
                 store.verify(part)
             except CacheError as e:
                 raise CacheError(f"cannot resume: {e}; rerun with --overwrite to start over") from e
-    writer = CacheWriter(directory, manifest, ledger)
+    writer = CacheWriter(directory, manifest, ledger, store)
     if ledger.complete:  # crashed between the ledger's and the manifest's final commit
         writer.finish()
         return Prepared(load_manifest(directory), None, ledger.committed)

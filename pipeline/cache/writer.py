@@ -49,12 +49,13 @@ def _kill_points() -> set[tuple[str, int]]:
 class CacheWriter:
     """Appends encoded records, in sequence order, to a cache prepared by `prepare_cache`."""
 
-    def __init__(self, directory: Path, manifest: CacheManifest, ledger: Ledger):
+    def __init__(self, directory: Path, manifest: CacheManifest, ledger: Ledger, store=None):
         self.directory = Path(directory)
         self.manifest = manifest
         self.layout = manifest.layout
         self.ledger = ledger
-        self.store = part_store(directory, manifest)  # ArrayRecord files or TensorStore parts
+        # ArrayRecord files or TensorStore parts; prepare_cache passes the store it built
+        self.store = store if store is not None else part_store(directory, manifest)
         self.parts = list(ledger.parts)
         self.next_index = ledger.committed
         self.bytes_written = 0  # part bytes closed by this process
