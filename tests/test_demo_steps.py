@@ -81,6 +81,8 @@ def test_steps_read_what_the_previous_step_wrote(fake, tmp_path):
     assert _flag(dump, "--data") == _flag(regen, "--out")
     assert _flag(dump, "--seq-len") == "64"  # prompt + generated tokens: nothing cut off
     assert _flag(train, "--data") == _flag(dump, "--out") and _flag(train, "--eval-fraction") == "0.1"
+    assert int(_flag(train, "--eval-max")) >= 1
+    assert int(_flag(train, "--eval-every")) < int(_flag(train, "--steps"))  # tau seen rising
     assert _flag(dec, "--draft") == str(out / "run" / "export")
     assert _flag(dec, "--prompts") == str(out / "heldout_prompts.jsonl")
     assert _flag(dec, "--max-new-tokens") == "48" and "--simulate" in dec

@@ -137,8 +137,10 @@ def parse(argv=None):
     add("--lr", type=float, default=3e-3, help="draft learning rate (tiny draft: high)")
     add("--block-size", type=int, default=8)
     add("--draft-layers", type=int, default=2)
-    add("--anchors-per-seq", type=int, default=48)
+    add("--anchors-per-seq", type=int, default=32)
     add("--eval-fraction", type=float, default=0.03, help="sequences held out of training")
+    add("--eval-max", type=int, default=32,
+        help="at most this many held-out sequences (each evaluation costs a few training steps)")
     add("--eval-every", type=int, default=40, help="steps between held-out evaluations")
     add("--prompts", type=int, default=12, help="held-out-split prompts to decode")
     return ap.parse_args(argv)
@@ -175,7 +177,8 @@ def _main(argv=None) -> int:
           "--batch-size", str(a.batch_size), "--block-size", str(a.block_size),
           "--draft-layers", str(a.draft_layers), "--anchors-per-seq", str(a.anchors_per_seq),
           "--lr", str(a.lr), "--compute-dtype", "float32", "--save-every", str(a.steps),
-          "--eval-fraction", str(a.eval_fraction), "--eval-every", str(a.eval_every),
+          "--eval-fraction", str(a.eval_fraction), "--eval-max", str(a.eval_max),
+          "--eval-every", str(a.eval_every),
           "--mesh", "data=1,fsdp=1,tensor=1", "--no-progress"], log)
     export = out / "run" / "export"
     untrained = make_untrained(export, out / "untrained")
