@@ -38,7 +38,7 @@ class TinyTeacherConfig:
     vocab_size: int = 4096
     hidden_size: int = 128
     intermediate_size: int = 128  # per expert; a wider one costs more per step than it gives here
-    num_hidden_layers: int = 8  # build_target_layer_ids(8, 5) = [1, 2, 4, 5, 6]: five distinct layers
+    num_hidden_layers: int = 8  # build_target_layer_ids(8, 5) = [1, 2, 3, 4, 5]: five distinct layers
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 32
