@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.teacher.hashing import sha256_file
 
 GPT_OSS_MASK_TOKEN_ID = 200000  # a reserved id of the o200k_harmony vocabulary (DFLASH.md)
 
@@ -28,20 +29,12 @@ class TeacherInfo:
     vocab_size: int | None = None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _weights_sha256(path: Path) -> str:
     """Hash of the weights index, or of each safetensors header (names, shapes, offsets) + size:
     identifies the weights without reading tens of GB."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return _sha256_file(index)
+        return sha256_file(index)
     h = hashlib.sha256()
     for f in sorted(path.glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -121,7 +114,7 @@ def _snapshot_info(config, path: Path) -> TeacherInfo:
     cfg = read_config(path)
     check_weights(path)
     check_seq_len(config, cfg)
-    identity = {"path": str(path), "config_sha256": _sha256_file(cfg_path),
+    identity = {"path": str(path), "config_sha256": sha256_file(cfg_path),
                 "weights_sha256": _weights_sha256(path), "model_type": cfg.get("model_type")}
     tokenizer = str(path) if any((path / f).is_file() for f in (
         "tokenizer.json", "tokenizer_config.json")) else None

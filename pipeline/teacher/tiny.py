@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from pipeline.data import corpus
 from pipeline.errors import UserError
+from pipeline.teacher.hashing import sha256_file
 from pipeline.teacher.tiny_recipe import (
     TinyTeacherConfig,
     heldout_perplexity,
@@ -40,14 +40,6 @@ RECIPE_VERSION = 2  # bump when the recipe changes so cached default teachers ar
 # means another torch, transformers, Python stdlib or CPU kernel path (see the report's versions).
 EXPECTED_WEIGHTS_SHA256 = "1fe0f30452aa156a1f5d891067d3bdb95e3a30254c390e3d864ef4692c5235f2"
 SNAPSHOT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _corpus_texts(split: str, corpus_dir: Path | None, max_files: int | None) -> list[str]:
@@ -130,7 +122,7 @@ def build(out: Path | str = DEFAULT_OUT, cfg: TinyTeacherConfig = TinyTeacherCon
         "heldout_perplexity": ppl,
         "unigram_perplexity": uni,
         "expert_usage": usage,
-        "weights_sha256": _sha256(tmp / "model.safetensors"),
+        "weights_sha256": sha256_file(tmp / "model.safetensors"),
         "expected_weights_sha256": expected,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -164,7 +156,7 @@ def is_complete(snapshot: Path, recipe_version: int | None = RECIPE_VERSION) -> 
     # Older recipes are stale; a newer one (built by newer code) is kept rather than downgraded.
     if recipe_version is not None and report.get("recipe_version", 0) < recipe_version:
         return False
-    return report.get("weights_sha256") == _sha256(snapshot / "model.safetensors")
+    return report.get("weights_sha256") == sha256_file(snapshot / "model.safetensors")
 
 
 @contextlib.contextmanager
