@@ -160,3 +160,11 @@ def train_draft(untrained: Path, target_dir: Path, out: Path, *, steps: int = 50
         params, state, loss = step(params, state)
     model.save_draft(out, config, params)
     return out
+
+
+def build_artifacts(d: Path) -> dict:
+    """A tiny target, an untrained draft and that draft briefly trained on the target's output."""
+    tgt = make_target(d / "target")
+    untrained = make_draft(d / "draft")
+    trained = train_draft(untrained, tgt, d / "trained")
+    return {"target": tgt, "untrained": untrained, "trained": trained, "dir": d}

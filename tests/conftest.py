@@ -10,3 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spec_artifacts(tmp_path_factory):
+    """Built once per session: the harness tests and the simulated-tau tests decode the same
+    target and drafts (training the draft is the slow part)."""
+    from tests import _spec_fixtures as fx
+
+    return fx.build_artifacts(tmp_path_factory.mktemp("spec"))

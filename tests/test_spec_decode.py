@@ -23,12 +23,8 @@ LAYERS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spec")
-    tgt = fx.make_target(d / "target")
-    untrained = fx.make_draft(d / "draft")
-    trained = fx.train_draft(untrained, tgt, d / "trained")
-    return {"target": tgt, "untrained": untrained, "trained": trained, "dir": d}
+def art(spec_artifacts):
+    return spec_artifacts  # one target and trained draft for the session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
