@@ -79,13 +79,14 @@ def one_hot_verifier_states(lm_head: np.ndarray, input_ids: np.ndarray) -> np.nd
     return v.astype(np.float32)[None]
 
 
-def run_oracle(jobs: list[dict], workdir: Path) -> list[dict]:
-    """Run the jobs in .venv-ref; -> each job's npz as a dict."""
+def run_oracle(jobs: list[dict], workdir: Path,
+               script: str = "_speculators_oracle.py") -> list[dict]:
+    """Run the jobs in .venv-ref with tests/<script>; -> each job's npz as a dict."""
     assert REF_PY.exists(), "reference env missing: run `make ref-venv` (creates .venv-ref)"
     spec = workdir / "jobs.json"
     spec.write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-    res = subprocess.run([str(REF_PY), str(ROOT / "tests" / "_speculators_oracle.py"), str(spec)],
+    res = subprocess.run([str(REF_PY), str(ROOT / "tests" / script), str(spec)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return [dict(np.load(j["out"])) for j in jobs]
