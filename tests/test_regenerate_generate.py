@@ -101,8 +101,9 @@ def test_pick_top_p_and_temperature():
 
 @pytest.mark.parametrize("n", [1, 4])  # 1: the decode path (sliding layers read their window)
 def test_forward_rows_equals_forward_per_row(target_dir, n):
-    """The batched forward against the single-sequence cached target, row by row: rows at
-    different positions (past the sliding window), new tokens on top of a cache."""
+    """The batched forward against the single-sequence cached target, row by row: rows of
+    different lengths left-padded to one write slot (past the sliding window), new tokens on top
+    of a cache."""
     import jax.numpy as jnp
 
     from pipeline.speculative import target as tc
@@ -110,16 +111,25 @@ def test_forward_rows_equals_forward_per_row(target_dir, n):
     shape, params, _ = tc.load_target(target_dir, (0,))
     rng = np.random.default_rng(3)
     starts, size = [2, 9, 17], 32
+    slot = max(starts)
     prefixes = [rng.integers(1, 200, s).astype(np.int32) for s in starts]
     new = rng.integers(1, 200, (len(starts), n)).astype(np.int32)
     rows_k, rows_v = tc.new_row_cache(shape, len(starts), size)
+    # junk in every slot, so reading a padding slot or a stale one would show
+    rows_k = tuple(k + 3.0 for k in rows_k)
+    rows_v = tuple(v - 2.0 for v in rows_v)
     want = []
     for r, prefix in enumerate(prefixes):
         _, _, cache = tc.forward(shape, params, tc.new_cache(shape, size), jnp.asarray(prefix), jnp.int32(0))
-        # the same keys/values, in forward_rows' layouts ([kv, hd, S] / [kv, S, hd] per row)
-        rows_k = tuple(k.at[r].set(cache[0][i].transpose(1, 2, 0)) for i, k in enumerate(rows_k))
-        rows_v = tuple(v.at[r].set(cache[1][i].transpose(1, 0, 2)) for i, v in enumerate(rows_v))
+        # the same keys/values, shifted to end at the shared slot, in forward_rows' layouts
+        # ([kv, hd, S] / [kv, S, hd] per row)
+        shift = slot - starts[r]
+        rows_k = tuple(k.at[r, :, :, shift:slot].set(cache[0][i][:starts[r]].transpose(1, 2, 0))
+                       for i, k in enumerate(rows_k))
+        rows_v = tuple(v.at[r, :, shift:slot].set(cache[1][i][:starts[r]].transpose(1, 0, 2))
+                       for i, v in enumerate(rows_v))
         hidden, _, _ = tc.forward(shape, params, cache, jnp.asarray(new[r]), jnp.int32(starts[r]))
         want.append(np.asarray(hidden))
-    got, _ = tc.forward_rows(shape, params, (rows_k, rows_v), jnp.asarray(new), jnp.asarray(starts))
+    first = jnp.asarray([slot - s for s in starts], jnp.int32)
+    got, _ = tc.forward_rows(shape, params, (rows_k, rows_v), jnp.asarray(new), jnp.int32(slot), first)
     np.testing.assert_allclose(np.asarray(got), np.stack(want), rtol=1e-5, atol=1e-5)

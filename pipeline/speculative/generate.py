@@ -1,18 +1,20 @@
 """Batched, KV-cached generation with the GPT-OSS target: greedy or sampled, one jitted program.
 
 The math is `pipeline.speculative.target.forward_rows`, the batched twin of the cached target the
-speculative harness is tested with (`forward`; the tests hold the two token-identical): every row
-has its own cache and its own position, so prompts of different lengths need no left padding and
-RoPE sees true positions. The caches are per-layer buffers carried through the decode loop and
-written with one scatter per layer, so XLA updates them in place; the first version vmapped
-`forward`, which restacked (copied) every cache at every step and ran ~2.5x slower at batch 64.
+speculative harness is tested with (`forward`; the tests hold the two token-identical). Prompts
+are left-padded to a common length, so every row writes the same cache slot at every step (one
+in-place dynamic_update_slice per cache; per-row scatters cost half the decode step), while each
+row keeps its own RoPE positions (slot - first[r]) and never reads its padding slots: a row sees
+the same keys at the same positions as it would alone. The caches are per-layer buffers carried
+through the decode loop; the first version vmapped `forward`, which restacked (copied) every
+cache at every step and ran ~2.5x slower at batch 64.
 Experts stay dense (every expert for every token): with the tiny teacher's 4 experts, top-2, a
 per-token gather of expert weights would move ~50 MB per layer at batch 64 (64 tokens x 2 experts
 x 98k weights) to save ~13M of its ~25M multiply-adds (an estimate, not measured).
 
-Prompts are right-padded to a common length for the prefill; the padded positions write junk
-keys/values at positions >= the row's length, which are never read (a query at p reads keys <= p)
-and are overwritten by the row's own generated tokens before any query could see them.
+A row that has stopped keeps running (its output is cut on the host): its slots are its own, so
+it disturbs no other row, and the loop never runs past max_new_tokens, so no write leaves the
+cache.
 
 The decode loop is a `lax.while_loop` inside the same jit (one dispatch per batch, exiting when
 every row has stopped). Sampling draws token t of sequence i with the key
@@ -66,35 +68,36 @@ def pick(sampling: SamplingConfig, logits, key):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, params, prompts,
               lengths, seq_index, stop_ids):
-    """prompts [B, P] int32 (right-padded), lengths [B], seq_index [B] (sampling keys), stop_ids
-    [n] -> tokens [B, max_new_tokens] (after a row's stop token: the stop token repeated)."""
-    b = prompts.shape[0]
+    """prompts [B, P] int32 (left-padded: row r's prompt fills the last lengths[r] columns),
+    lengths [B], seq_index [B] (sampling keys), stop_ids [n] -> tokens [B, max_new_tokens] (after
+    a row's stop token: the stop token repeated)."""
+    b, p = prompts.shape
+    first = (p - lengths).astype(jnp.int32)
     step = functools.partial(tc.forward_rows, shape, params)
     base = jax.random.PRNGKey(sampling.seed)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(seq_index)
     pick_rows = jax.vmap(lambda lg, k, t: pick(sampling, lg, jax.random.fold_in(k, t)),
                          in_axes=(0, 0, None))
 
-    hidden, cache = step(tc.new_row_cache(shape, b, cache_len), prompts, jnp.zeros((b,), jnp.int32))
-    last = hidden[jnp.arange(b), lengths - 1]
+    hidden, cache = step(tc.new_row_cache(shape, b, cache_len), prompts, jnp.int32(0), first)
+    last = hidden[:, -1]
     tok = pick_rows(last @ params["lm_head"].T, row_keys, 0)
     out = jnp.zeros((b, sampling.max_new_tokens), jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, stop_ids)
 
     def cond(state):
-        t, _, _, _, done, _ = state
+        t, _, _, done, _ = state
         return (t < sampling.max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        t, tok, pos, cache, done, out = state
-        hidden, cache = step(cache, tok[:, None], pos)
+        t, tok, cache, done, out = state
+        hidden, cache = step(cache, tok[:, None], p + t - 1, first)
         new = pick_rows(hidden[:, 0] @ params["lm_head"].T, row_keys, t)
         new = jnp.where(done, tok, new)  # a stopped row repeats its stop token (cut on the host)
         out = out.at[:, t].set(new)
-        # A stopped row's position stays put so it never writes past the cache.
-        return t + 1, new, jnp.where(done, pos, pos + 1), cache, done | jnp.isin(new, stop_ids), out
+        return t + 1, new, cache, done | jnp.isin(new, stop_ids), out
 
-    state = (jnp.int32(1), tok, lengths.astype(jnp.int32), cache, done, out)
+    state = (jnp.int32(1), tok, cache, done, out)
     return jax.lax.while_loop(cond, body, state)[-1]
 
 
@@ -133,7 +136,7 @@ class BatchGenerator:
         lengths = np.ones(b, np.int32)  # padding rows: a one-token prompt, result dropped
         index = np.zeros(b, np.int32)
         for r, (p, i) in enumerate(zip(prompts, indices)):
-            ids[r, :len(p)], lengths[r], index[r] = p, len(p), i
+            ids[r, pad_len - len(p):], lengths[r], index[r] = p, len(p), i
         cache_len = tc.bucket(pad_len + self.sampling.max_new_tokens, self.prompt_bucket)
         stop = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
         toks = np.asarray(_generate(self.shape, self.sampling, cache_len, self.params,
