@@ -19,10 +19,9 @@ uninterrupted run. Prints one JSON line at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from pipeline.errors import UserError
+from pipeline.errors import run_resumable_cli
 from pipeline.speculative.generate import SamplingConfig
 from pipeline.regen.run import RegenerateConfig, run_regenerate
 
@@ -61,17 +60,8 @@ def parse_args(argv=None) -> RegenerateConfig:
 
 
 def main(argv=None) -> int:
-    try:
-        summary = run_regenerate(parse_args(argv), log=lambda m: print(m, file=sys.stderr))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume from the last commit",
-              file=sys.stderr)
-        return 130
-    print(json.dumps(summary), flush=True)
-    return 0
+    return run_resumable_cli(
+        lambda: run_regenerate(parse_args(argv), log=lambda m: print(m, file=sys.stderr)))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ Prints one JSON line at the end: {sequences, tokens, bytes, seconds, tokens_per_
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pipeline import distributed
 from pipeline.dump.run import DumpConfig, run_dump
-from pipeline.errors import UserError
+from pipeline.errors import run_resumable_cli
 
 _D = DumpConfig()
 
@@ -69,7 +68,9 @@ def parse_args(argv=None) -> DumpConfig:
     add("--verify", action="store_true", help="only check every part of the cache in --out "
         "(size, checksum, records) and list the bad ones; exit 1 if any")
     add("--format", default=_D.format, choices=("arrayrecord", "tensorstore"),
-        help="part storage: ArrayRecord files or TensorStore zarr3 parts" + dflt)
+        help="part storage: TensorStore zarr3 parts (the loader reads them about as fast as the "
+        "files can be read) or ArrayRecord files (default: tensorstore; a resumed dump keeps "
+        "its cache's format)")
     add("--kvstore", default=None, help="TensorStore data root URL for --format tensorstore, "
         "e.g. gs://bucket/cache/ (default: --out; manifest and ledger stay in --out)")
     distributed.add_flags(p)
@@ -88,22 +89,15 @@ def parse_args(argv=None) -> DumpConfig:
 
 def main(argv=None, *, teacher=None, sequences=None) -> int:
     """CLI entry; `teacher`/`sequences` inject a stand-in (tests), as in `run_dump`."""
-    try:
+    def body():
         config = parse_args(argv)
         if isinstance(config, argparse.Namespace):  # --verify
             from pipeline.cache.verify import run
             return run(config.out, progress=not config.no_progress)
-        summary = run_dump(config, teacher=teacher, sequences=sequences,
-                           log=lambda msg: print(msg, file=sys.stderr))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume from the last commit",
-              file=sys.stderr)
-        return 130
-    print(json.dumps(summary), flush=True)
-    return 0
+        return run_dump(config, teacher=teacher, sequences=sequences,
+                        log=lambda msg: print(msg, file=sys.stderr))
+
+    return run_resumable_cli(body)
 
 
 if __name__ == "__main__":
