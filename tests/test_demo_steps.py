@@ -1,6 +1,6 @@
 """tools.demo: its steps, their wiring, the first failing step stopping it, and its report.
 
-The demo's steps are subprocesses; here subprocess.run is replaced by a recorder that fails one
+The demo's steps are subprocesses; here demo._call is replaced by a recorder that fails one
 chosen step (and, for train.main, writes the metrics.jsonl a run would), and the teacher build /
 untrained-draft / held-out-prompt steps by stand-ins, so no teacher is built and nothing is
 trained. The held-out prompts and the PNG are tested on their own, for real."""
@@ -32,7 +32,7 @@ def _flag(cmd, name):
 def fake(monkeypatch, tmp_path):
     calls, fail, cmds = [], {}, {}
 
-    def run(cmd, **kw):
+    def run(cmd):
         assert cmd[:2] == [sys.executable, "-m"]
         calls.append(cmd[2])
         cmds[cmd[2]] = cmd
@@ -45,7 +45,7 @@ def fake(monkeypatch, tmp_path):
         out = "table\n" + json.dumps(REPORT) + "\n" if cmd[2] == "tools.spec_decode" else ""
         return subprocess.CompletedProcess(cmd, rc, stdout=out)
 
-    monkeypatch.setattr(demo.subprocess, "run", run)
+    monkeypatch.setattr(demo, "_call", run)
     monkeypatch.setattr(tools.make_tiny_teacher, "ensure_tiny_teacher", lambda log=None: tmp_path / "t")
     monkeypatch.setattr(demo, "heldout_prompts", lambda teacher, out, *a: out)
     monkeypatch.setattr(demo, "train_prompts", lambda out, *a: out)
@@ -174,3 +174,17 @@ def test_teacher_flag_uses_that_snapshot_and_builds_nothing(fake, tmp_path, monk
     assert demo.main(["--out", str(tmp_path / "demo"), "--teacher", str(tmp_path / "mine")]) == 0
     for module in ("pipeline.regenerate", "pipeline.teacher_dump", "tools.spec_decode"):
         assert _flag(cmds[module], "--model") == str(tmp_path / "mine")
+
+
+def test_step_stderr_is_relayed_less_the_xla_cache_lines(capfd):
+    """A step's stderr reaches the user line by line, except XLA:CPU's two spurious "+prefer-no-*
+    is not supported" lines per cache load; its stdout is returned, its exit code kept."""
+    script = ("import sys; print('result'); "
+              "sys.stderr.write('step 1 loss 2.0\\n'); "
+              "sys.stderr.write('E1128 cpu_aot_loader.cc:220] Target machine feature "
+              "+prefer-no-gather is not supported\\n'); "
+              "sys.stderr.write('error: real trouble\\n'); sys.exit(3)")
+    proc = demo._call([sys.executable, "-c", script])
+    err = capfd.readouterr().err
+    assert proc.returncode == 3 and proc.stdout == "result\n"
+    assert err == "step 1 loss 2.0\nerror: real trouble\n"
