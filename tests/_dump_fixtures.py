@@ -56,16 +56,26 @@ def fake_sequences(n: int, seq_len: int, seed: int = 0):
 
 
 def assert_same_cache(a, b) -> None:
-    """Every record of cache dirs a and b equal, in order, and every part file byte-identical."""
+    """Every record of cache dirs a and b equal, in order, and every part byte-identical:
+    the committed size and CRC32 of each part (TensorStore: of every key and value under it),
+    and for ArrayRecord also the record bytes and the files themselves."""
     from pipeline.cache import open_cache
 
     ra, rb = open_cache(a, verify=True), open_cache(b, verify=True)
+    assert ra.manifest.format == rb.manifest.format
     assert len(ra) == len(rb) > 0
-    assert [p.file for p in ra.parts] == [p.file for p in rb.parts]
+    assert [(p.file, p.records, p.bytes, p.crc32) for p in ra.parts] == \
+           [(p.file, p.records, p.bytes, p.crc32) for p in rb.parts]
     for i in range(len(ra)):
-        assert ra.read_bytes(i) == rb.read_bytes(i), f"record {i} differs"
-    for pa, pb in zip(ra.paths, rb.paths):
-        assert Path(pa).read_bytes() == Path(pb).read_bytes(), f"{pa} differs from {pb}"
+        x, y = ra[i], rb[i]
+        for k in ("input_ids", "loss_mask", "features"):
+            assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, (i, k)
+            assert x[k].tobytes() == y[k].tobytes(), f"record {i} {k} differs"
+    if ra.manifest.format == "arrayrecord":
+        for i in range(len(ra)):
+            assert ra.read_bytes(i) == rb.read_bytes(i), f"record {i} differs"
+        for pa, pb in zip(ra.paths, rb.paths):
+            assert Path(pa).read_bytes() == Path(pb).read_bytes(), f"{pa} differs from {pb}"
 
 
 def run_fake_cli(args: list[str], n: int, hidden: int = 16, kill: str | None = None,

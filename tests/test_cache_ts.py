@@ -121,3 +121,21 @@ def test_kvstore_needs_tensorstore_format_and_a_usable_url(tmp_path):
         _dump(tmp_path / "a", "arrayrecord", kvstore="file:///tmp/x")
     with pytest.raises(UserError, match="cannot open the TensorStore kvstore"):
         _dump(tmp_path / "b", "tensorstore", kvstore="nosuchdriver://x/")
+
+
+def test_chunks_split_a_part_evenly_so_no_chunk_is_mostly_padding(tmp_path, monkeypatch):
+    """Zarr stores every chunk whole: a part of 4 sequences whose chunk target fits 3 is stored
+    as chunks of 2 + 2 (the features' exact bytes), not 3 + 3 (1.5x: 2 sequences of padding)."""
+    from pipeline.cache import ts_parts
+    from tools._bench_common import write_synthetic_cache
+
+    per_seq = 32 * 2 * 16 * 2  # T x F bf16
+    monkeypatch.setattr(ts_parts, "CHUNK_TARGET_BYTES", 3 * per_seq)
+    write_synthetic_cache(tmp_path / "ts", 8, 32, 16, 2, shards=2, commit_every=8,
+                          fmt="tensorstore")  # 2 parts of 4 sequences
+    cache = open_cache(tmp_path / "ts", verify=True)
+    files = [p for p in (tmp_path / "ts").rglob("features/c/*/*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) == len(cache) * per_seq == 8 * per_seq
+    assert len(files) == 4  # two chunks per part
+    directory, rows, _ = ts_parts.plain_chunk_files(cache.root, cache.parts[0].file, "features")
+    assert rows == 2 * 32

@@ -15,13 +15,16 @@ from pipeline.dump.run import DumpConfig, run_dump
 from tests._dump_fixtures import FakeTeacher, assert_same_cache, fake_sequences, run_fake_cli
 
 N = 45  # sequences: 5 full intervals of 8 and a padded last batch
+# ArrayRecord crash states (open part files, footerless files): the format is named, not the
+# default (tests/test_cache_ts.py runs the same kill chain on TensorStore parts)
 ARGS = ["--shards", "3", "--seq-len", "32", "--batch-size", "4", "--commit-every", "8",
-        "--layer-ids", "1,3"]
+        "--layer-ids", "1,3", "--format", "arrayrecord"]
 
 
 def _reference(directory):
     config = DumpConfig(out=str(directory), shards=3, seq_len=32, batch_size=4, commit_every=8,
-                        layer_ids=(1, 3), progress=False, model="fake")
+                        layer_ids=(1, 3), progress=False, model="fake",
+                        format="arrayrecord")
     summary = run_dump(config, teacher=FakeTeacher(16), sequences=fake_sequences(N, 32),
                        log=lambda *_: None)
     assert summary["sequences"] == N and summary["total_sequences"] == N
@@ -131,7 +134,8 @@ def test_failure_in_the_device_loop_keeps_the_last_commit(tmp_path, reference):
             yield seq
 
     config = DumpConfig(out=str(tmp_path), shards=3, seq_len=32, batch_size=4, commit_every=8,
-                        layer_ids=(1, 3), progress=False, model="fake")
+                        layer_ids=(1, 3), progress=False, model="fake",
+                        format="arrayrecord")
     with pytest.raises(RuntimeError, match="data source broke"):
         run_dump(config, teacher=FakeTeacher(16), sequences=failing(), log=lambda *_: None)
     ledger = Ledger.load(tmp_path)
@@ -149,10 +153,11 @@ def test_kill_while_a_part_file_is_half_on_disk(tmp_path):
     from array_record.python.array_record_module import ArrayRecordReader
 
     n, args = 14, ["--shards", "1", "--seq-len", "256", "--batch-size", "4",
-                   "--commit-every", "12", "--layer-ids", "0,1"]
+                   "--commit-every", "12", "--layer-ids", "0,1", "--format", "arrayrecord"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     config = DumpConfig(out=str(ref), shards=1, seq_len=256, batch_size=4, commit_every=12,
-                        layer_ids=(0, 1), progress=False, model="fake")
+                        layer_ids=(0, 1), progress=False, model="fake",
+                        format="arrayrecord")
     run_dump(config, teacher=FakeTeacher(2048), sequences=fake_sequences(n, 256),  # 2 MiB/record
              log=lambda *_: None)
     proc = run_fake_cli(args + ["--out", str(out)], n, hidden=2048, kill="after_record:10")

@@ -9,12 +9,14 @@ alternative layout is written, read and deleted in turn, so /dev/shm holds at mo
   raw dd / readinto  sequential read of the cache's part files (the physical limit here)
   arrayrecord        ArrayRecordReader, one record at a time (1 thread, and a thread pool)
   grain w=W t=R      train.loader.make_dataset (shuffle, decode, anchors, batch), R read threads,
-                     W worker processes (mp_prefetch; 0 = threads in the main process)
-  grain[tensorstore] the same trainer path over the same sequences dumped with
-                     `--format tensorstore`: features os.preadv'd from the plain chunk files
-                     straight into the batch; [ts read]: TensorStore reading into the batch
-                     instead (what the loader does for other kvstores or sharded parts);
-                     [unchecked]: without the per-record xxh3 checksum check (its cost)
+                     W worker processes (mp_prefetch; 0 = threads in the main process), over
+                     an ArrayRecord cache (`--format arrayrecord`, the default until issue 14)
+  grain[tensorstore] the same trainer path over the same sequences dumped as TensorStore parts
+                     (the dump's default): features os.preadv'd from the plain chunk files
+                     straight into the batch's reused arrays (batch_arrays: how many were
+                     made); [ts read]: TensorStore reading into the batch instead (what the
+                     loader does for other kvstores or sharded parts); [unchecked]: without the
+                     per-record xxh3 checksum check (its cost)
   npz                np.load of one .npz holding features [N, T, F] (the seed's format)
   torch / st         one torch.save / safetensors file per sequence, read in shuffled order and
                      collated into a batch array (np.stack, as DataLoader's default_collate)
@@ -23,6 +25,8 @@ alternative layout is written, read and deleted in turn, so /dev/shm holds at mo
   sub-records        a proposal: ArrayRecord records of --sub-tokens tokens (a few MiB each),
                      copied by threads straight into the batch buffer
 Every reader delivers its features in memory (each 4 KiB page touched, so lazy mmaps count).
+x_raw divides by the best raw read of the run (either copy); the summary's goal (>= 0.8x raw) is
+judged on the default format's best loader row.
 The loader's RAM budget is (prefetch + batch) records; the cache is several times larger, so
 nothing can be served from the loader's own buffers.
 """
@@ -37,6 +41,7 @@ import time
 
 import numpy as np
 
+from pipeline.cache.format import DEFAULT_FORMAT
 from tools._bench_common import GPT_OSS_20B, report, scratch_dir, write_synthetic_cache
 
 
@@ -119,6 +124,8 @@ def bench_grain(cache, *, batch, threads, prefetch, workers, batches, label="gra
         total += touch(next(it)["features"])
     row = _row(f"{label} w={workers} t={threads} b={batch}", t0, total, batches * batch,
                ram_budget_records=(prefetch + batch) * max(workers, 1))
+    pool = getattr(ds, "buffers", None)  # direct reads: [B, T, F] arrays made (reused after)
+    row["batch_arrays"] = None if pool is None else pool.allocated
     if workers:  # worker CPU is only counted once the workers are reaped
         it.close()
         row["cpu_s_per_GB"] = row["faults_per_GB"] = None
@@ -330,9 +337,11 @@ def main(argv=None) -> dict:
 
     unchecked = [r for r in rows if "unchecked" in r["reader"]]
     by = {r["reader"]: r["GB_per_s"] for r in rows if r not in unchecked}
-    raw = max(by["raw dd bs=4M"], by["raw python readinto 64MiB"])
+    # the best raw read of either copy of the bytes (ArrayRecord files, TensorStore chunk files)
+    raw = max(v for k, v in by.items() if k.startswith("raw"))
     ours = max(v for k, v in by.items() if k.startswith("grain"))
     best = lambda prefix: max((v for k, v in by.items() if k.startswith(prefix)), default=None)
+    default = best({"tensorstore": "grain[tensorstore]", "arrayrecord": "grain w="}[DEFAULT_FORMAT])
     flat, sub = best("flat"), max((v for k, v in by.items() if "sub-records" in k), default=None)
     per_sample = max((v for k, v in by.items() if "per sample" in k), default=None)
     for r in rows:
@@ -347,12 +356,15 @@ def main(argv=None) -> dict:
         "flat_preadv_GB_per_s": flat,
         "subrecords_GB_per_s": sub, "raw_GB_per_s": raw, "grain_x_raw": ours / raw,
         "grain_x_per_sample": None if per_sample is None else ours / per_sample,
-        "goal_ge_0.8x_raw": ours >= 0.8 * raw,
+        "default_format": DEFAULT_FORMAT, "default_format_GB_per_s": default,
+        "default_format_x_raw": None if default is None else default / raw,
+        "goal_ge_0.8x_raw": default is not None and default >= 0.8 * raw,  # what users get
         "goal_ge_3x_per_sample": None if per_sample is None else ours >= 3 * per_sample,
         "needed_GB_per_s": {"h100_at_45pct_mfu_block8": 0.86, "issue_estimate_h100": 0.5,
                             "issue_estimate_v5e8_host": 1.2}}
     return report("loader", ["reader", "seconds", "GB_per_s", "seq_per_s", "x_raw",
-                             "cpu_s_per_GB", "faults_per_GB", "ram_budget_records"], rows, summary)
+                             "cpu_s_per_GB", "faults_per_GB", "ram_budget_records",
+                             "batch_arrays"], rows, summary)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ overhead), and compiled peak memory of the chunked CE vs a dense-logits CE at vo
 
 Part 1 runs train.step's jitted step (train.loader.make_dataset feeding it through
 train.loader.to_global, as train.loop does) on one device, over a synthetic cache in the dump's
-format. "held" reuses one batch already on the device; "loader" pulls every batch from Grain.
-Both dispatch asynchronously and block once at the end, like the training loop, so the loader
-can overlap the device's work. On this CPU host the loader's threads and XLA share the same two
-cores; on an accelerator host the device computes while the CPU reads.
+default format (`--format` to pick). "held" reuses one batch already on the device; "loader"
+pulls every batch from Grain. Both dispatch asynchronously and block once at the end, like the
+training loop, so the loader can overlap the device's work. On this CPU host the loader's
+threads and XLA share the same two cores; on an accelerator host the device computes while the
+CPU reads.
 Part 2 compiles only (nothing runs): jax's memory_analysis() of grad(loss) w.r.t. the draft's
 hidden states for one sequence (512 anchors x block 8, H=2880), chunked (train.loss.dflash_loss,
 TrainConfig's vocab/token chunks) vs dense logits [tokens, 201088] in float32.
@@ -23,12 +24,13 @@ import time
 
 import numpy as np
 
+from pipeline.cache.format import DEFAULT_FORMAT, FORMATS
 from tools._bench_common import GPT_OSS_20B, report, scratch_dir, write_synthetic_cache
 
 
 def step_overhead(root: str, *, steps: int, seq_len: int, hidden: int, num_features: int,
                   anchors: int, batch: int, layers: int, vocab: int, threads: int,
-                  repeat: int) -> tuple[list[dict], dict]:
+                  repeat: int, fmt: str = DEFAULT_FORMAT) -> tuple[list[dict], dict]:
     import jax
     import jax.numpy as jnp
 
@@ -40,7 +42,7 @@ def step_overhead(root: str, *, steps: int, seq_len: int, hidden: int, num_featu
 
     path = scratch_dir(root, "trainer_cache")
     write_synthetic_cache(path, max(4 * batch, 16), seq_len, hidden, num_features, shards=2,
-                          commit_every=8)
+                          commit_every=8, fmt=fmt)
     cache = open_training_cache(path)
     cfg = TrainConfig.tiny(batch_size=batch, block_size=8, draft_layers=layers,
                            anchors_per_seq=anchors, read_threads=threads, prefetch=2 * batch,
@@ -104,6 +106,7 @@ def step_overhead(root: str, *, steps: int, seq_len: int, hidden: int, num_featu
                   "step_shape": {"seq_len": seq_len, "hidden": hidden, "K": num_features,
                                  "anchors": anchors, "batch": batch, "layers": layers,
                                  "vocab": vocab, "record_mb": rec_mb, "read_threads": threads,
+                                 "format": fmt,
                                  "compute_dtype": cfg.compute_dtype, "device": str(jax.devices()[0])}}
 
 
@@ -179,6 +182,8 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2, help="Grain read threads")
+    p.add_argument("--format", default=DEFAULT_FORMAT, choices=FORMATS,
+                   help="the synthetic cache's part format (default: the dump's, %(default)s)")
     p.add_argument("--loss-vocab", type=int, default=GPT_OSS_20B["vocab"])
     p.add_argument("--loss-hidden", type=int, default=GPT_OSS_20B["hidden"])
     p.add_argument("--loss-anchors", type=int, default=GPT_OSS_20B["anchors"])
@@ -191,7 +196,7 @@ def main(argv=None) -> dict:
         rows, summary = step_overhead(
             a.root, steps=a.steps, seq_len=a.seq_len, hidden=a.hidden,
             num_features=a.num_features, anchors=a.anchors, batch=a.batch, layers=a.layers,
-            vocab=a.vocab, threads=a.threads, repeat=a.repeat)
+            vocab=a.vocab, threads=a.threads, repeat=a.repeat, fmt=a.format)
     mrows, msum = loss_memory(a.loss_vocab, a.loss_hidden, a.loss_anchors,
                               GPT_OSS_20B["block"], a.vocab_chunk, a.token_chunk)
     return report("trainer", ["what", "value", "unit", "all"], rows + mrows,

@@ -10,6 +10,8 @@ Grain's ArrayRecordDataSource), TensorStore parts, or a multi-process dump. Tens
 skip the per-element copy: elements carry ids, mask, anchors and the record's row, and the batch
 step reads each sequence's features straight into the batch array (`read_features_into`: one
 os.preadv of a plain chunk file; no Python bytes, no np.stack), in a prefetch thread of its own.
+Batch arrays are reused once nothing refers to them any more (`_BufferPool`): a fresh one per
+batch cost more CPU in page faults than the read itself.
 A multi-process cache read by as many processes as dumped it is sliced by host instead: process
 p reads only host p's sub-cache (its own rows, which may live on host-local storage), shuffled
 on its own.
@@ -23,6 +25,8 @@ Nothing here changes process-wide allocator settings: they would also govern XLA
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -99,16 +103,70 @@ class _TokensOnly:
         return dict(self._reader.read_tokens(int(i)), row=int(i))
 
 
+class _BufferPool:
+    """[B, T, F] feature arrays reused across batches, at most `keep` of them.
+
+    A fresh array per batch cost about a quarter of the loader's CPU: glibc mmaps allocations of
+    this size and unmaps them when freed, so the kernel faults in and zero-fills every page again
+    (0.57-0.82 -> 0.47-0.59 CPU s/GB with reuse; docs/BENCHMARKS.md section 2). An array is
+    handed out again only when nothing outside the pool refers to it or to its memory: no batch
+    dict, no view, no jax.Array that aliases it, no host-to-device copy still reading it (jax
+    holds a reference to the numpy array until then). A consumer can keep batches as long as it
+    likes; while it does, the pool allocates fresh arrays, as before. Arrays are page-aligned
+    (so jax.device_put on CPU may use their memory instead of copying it). Process-wide
+    allocator settings are not touched."""
+
+    _ALIGN = 4096
+
+    def __init__(self, shape, keep: int):
+        self._shape, self._keep = tuple(shape), max(1, keep)
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] = []  # (owner of the memory, array)
+        self._lock = threading.Lock()  # a restarted prefetch thread may overlap the old one
+        self.allocated = 0  # arrays made so far (tests, benches)
+        self._free_refs = self._refs(self._aligned((1,)))  # references when nobody else has it
+
+    @staticmethod
+    def _refs(entry) -> tuple[int, int]:
+        # a view of the array has the owner as its base (numpy collapses view chains), so both
+        return sys.getrefcount(entry[0]), sys.getrefcount(entry[1])
+
+    @classmethod
+    def _aligned(cls, shape) -> tuple[np.ndarray, np.ndarray]:
+        nbytes = int(np.prod(shape)) * BF16.itemsize
+        owner = np.empty(nbytes + cls._ALIGN, np.uint8)
+        skip = -owner.ctypes.data % cls._ALIGN
+        return owner, owner[skip:skip + nbytes].view(BF16).reshape(shape)
+
+    def take(self, batch: int) -> np.ndarray:
+        shape = (batch, *self._shape)
+        with self._lock:
+            for entry in self._arrays:
+                if entry[1].shape == shape and self._refs(entry) <= self._free_refs:
+                    return entry[1]
+            entry = self._aligned(shape)
+            self.allocated += 1
+            if len(self._arrays) < self._keep:
+                self._arrays.append(entry)
+            return entry[1]
+
+    def __getstate__(self):  # a worker process builds its own arrays
+        return {"_shape": self._shape, "_keep": self._keep, "_free_refs": self._free_refs}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d, _arrays=[], _lock=threading.Lock(), allocated=0)
+
+
 class _BatchInto:
     """Grain batch_fn for direct-read sources: stacks the small arrays and reads every sequence's
-    features into one preallocated [B, T, F] array (the reads issued together, then awaited)."""
+    features into one [B, T, F] array (the reads issued together, then awaited), taken from a
+    pool of `keep` arrays reused once their batch is released (`_BufferPool`)."""
 
-    def __init__(self, reader):
+    def __init__(self, reader, keep: int):
         self._reader = reader
-        self._shape = (reader.manifest.seq_len, reader.manifest.feature_dim)
+        self.pool = _BufferPool((reader.manifest.seq_len, reader.manifest.feature_dim), keep)
 
     def __call__(self, elements) -> dict:
-        features = np.empty((len(elements), *self._shape), BF16)
+        features = self.pool.take(len(elements))
         futures = [self._reader.read_features_into(int(e["row"]), features[j])
                    for j, e in enumerate(elements)]
         batch = {k: np.stack([e[k] for e in elements]) for k in elements[0] if k != "row"}
@@ -162,8 +220,9 @@ def num_anchors_for(manifest: CacheManifest, anchors_per_seq: int) -> int:
 class ProcessDataset:
     """The per-process batch stream; `iter()` gives a `ProcessIterator`."""
 
-    def __init__(self, dataset, process_count: int):
+    def __init__(self, dataset, process_count: int, buffers: _BufferPool | None = None):
         self._dataset, self.process_count = dataset, process_count
+        self.buffers = buffers  # the batch arrays' pool (direct-read sources), for benches/tests
 
     def __iter__(self) -> "ProcessIterator":
         return ProcessIterator(iter(self._dataset), self.process_count)
@@ -242,10 +301,13 @@ def make_dataset(cache, *, global_batch: int,
     batch = global_batch // pc
     if not direct:
         return ProcessDataset(ds.batch(batch, drop_remainder=True), pc)
-    ds = ds.batch(batch, drop_remainder=True, batch_fn=_BatchInto(reader))
+    ahead = max(1, prefetch // batch)
+    # arrays: `ahead` prefetched batches, one being filled, one the loop holds (train/memory.py)
+    batch_fn = _BatchInto(reader, keep=ahead + 2)
+    ds = ds.batch(batch, drop_remainder=True, batch_fn=batch_fn)
     # the features are read in the batch step: a thread runs it ahead (state: the consumed one's)
     return ProcessDataset(grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=max(1, prefetch // batch)), pc)
+        ds, prefetch_buffer_size=ahead), pc, batch_fn.pool)
 
 
 def to_global(batch: dict, shardings: dict) -> dict:

@@ -42,6 +42,12 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 FORMATS = ("arrayrecord", "tensorstore")
+# What a dump writes without --format (a resumed dump keeps its cache's format instead: see
+# pipeline/cache/prepare.py `existing_format`). TensorStore's plain chunks are read straight into
+# the batch (one copy, ~0.4 CPU s/GB): about raw read speed, where ArrayRecord's copies and
+# per-record buffers reach ~0.1-0.3x of it (docs/BENCHMARKS.md section 2). Both stay readable;
+# a manifest without a "format" key is an ArrayRecord cache (CacheManifest's default).
+DEFAULT_FORMAT = "tensorstore"
 
 
 def part_filename(shard: int, part: int, shards: int, fmt: str = "arrayrecord") -> str:

@@ -70,6 +70,20 @@ def remove_cache_files(directory: Path, manifest: CacheManifest | None = None) -
         (directory / name).unlink(missing_ok=True)
 
 
+def existing_format(directory) -> str | None:
+    """The part format of the cache already in `directory` (single- or multi-process: any
+    host sub-cache's manifest), None when there is none or it is unreadable. A dump run without
+    --format resumes in it, whatever the default is now."""
+    directory = Path(directory)
+    for path in [directory / MANIFEST_NAME, *sorted(directory.glob("host-*/" + MANIFEST_NAME))]:
+        if path.is_file():
+            try:
+                return load_manifest(path.parent).format
+            except (CacheError, OSError):
+                continue
+    return None
+
+
 def _ensure_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,9 @@ the rows and appends them to the cache (pipeline/cache/writer.py), so the accele
 batch n+1 while batch n is written, and at most `queue_batches` + 2 batches are in flight.
 A rerun resumes from the ledger (pipeline/cache/prepare.py). The teacher and the sequences can
 be injected (tests use a cheap stand-in); by default they come from `--model` and `--data`.
-Parts are ArrayRecord files or TensorStore zarr3 parts (`--format`, pipeline/cache/parts.py);
-under jax.distributed every process dumps its own rows into its own host sub-cache
-(pipeline/dump/hosts.py).
+Parts are TensorStore zarr3 parts (the default) or ArrayRecord files (`--format`,
+pipeline/cache/parts.py); under jax.distributed every process dumps its own rows into its own
+host sub-cache (pipeline/dump/hosts.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.cache.format import BF16, CacheManifest
+from pipeline.cache.format import BF16, DEFAULT_FORMAT, FORMATS, CacheManifest
+from pipeline.cache.prepare import existing_format
 from pipeline.dump.sources import TeacherInfo, default_sequences, load_teacher, teacher_info
 from pipeline.distributed import process_group
 from pipeline.dump.hosts import run_host_dump
@@ -52,7 +53,9 @@ class DumpConfig:
     block_size: int = 8  # draft block size: sequences must be longer than one block
     queue_batches: int = 4  # batches in flight between the device loop and the writer
     progress: bool = True  # tqdm bar on stderr
-    format: str = "arrayrecord"  # part storage: "arrayrecord" or "tensorstore" (zarr3)
+    # part storage, "arrayrecord" or "tensorstore" (zarr3); None: the format of the cache being
+    # resumed in `out`, else DEFAULT_FORMAT (tensorstore), see `resolve_format`
+    format: str | None = None
     kvstore: str | None = None  # tensorstore data root URL (e.g. gs://b/cache/); None = --out
     # jax.distributed (pipeline/dump/hosts.py): each process dumps sequences i % count == index
     coordinator_address: str | None = None  # host:port of process 0
@@ -70,9 +73,9 @@ class DumpConfig:
         if self.seq_len <= self.block_size:
             raise UserError(f"--seq-len {self.seq_len} is not longer than one draft block "
                             f"(--block-size {self.block_size}): no anchor would fit")
-        if self.format not in ("arrayrecord", "tensorstore"):
+        if self.format not in (None, *FORMATS):
             raise UserError(f"--format must be arrayrecord or tensorstore, got {self.format!r}")
-        if self.kvstore and self.format != "tensorstore":
+        if self.kvstore and self.format not in (None, "tensorstore"):
             raise UserError("--kvstore needs --format tensorstore")
         if self.dtype not in ("bfloat16", "float32"):
             raise UserError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
@@ -104,6 +107,18 @@ def select_layers(config: DumpConfig, num_layers: int) -> tuple[int, ...]:
     return ids
 
 
+def resolve_format(config: DumpConfig) -> str:
+    """--format when given; else tensorstore for a --kvstore; else the format of the cache
+    already in --out (unless --overwrite), so a dump begun before the default changed resumes
+    as it began; else DEFAULT_FORMAT."""
+    if config.format is not None:
+        return config.format
+    if config.kvstore:
+        return "tensorstore"
+    found = None if config.overwrite else existing_format(config.out)
+    return found or DEFAULT_FORMAT
+
+
 def build_manifest(config: DumpConfig, info: TeacherInfo) -> CacheManifest:
     layer_ids = select_layers(config, info.num_layers)
     settings = {
@@ -114,7 +129,7 @@ def build_manifest(config: DumpConfig, info: TeacherInfo) -> CacheManifest:
         seq_len=config.seq_len, hidden_size=info.hidden_size, layer_ids=layer_ids,
         shards=config.shards, commit_every=config.interval, teacher=info.identity,
         tokenizer=info.tokenizer, mask_token_id=info.mask_token_id, vocab_size=info.vocab_size,
-        settings=settings, format=config.format, kvstore=config.kvstore)
+        settings=settings, format=resolve_format(config), kvstore=config.kvstore)
 
 
 def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = None,
