@@ -154,3 +154,35 @@ def test_without_libtpu_one_line_error():
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "make tpu-venv" in err[0] and "Traceback" not in r.stderr
+
+
+# Two messages XLA:TPU gave for the gpt-oss-20b teacher forward over v5e:2x4 with the seed's
+# 1,8,1,1,1 mesh and for an oversized tiny-teacher batch (abridged to the lines parsed).
+_OOM_TOTAL = """RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 37.25G of 15.75G hbm. Exceeded hbm capacity by 21.50G.
+Total hbm usage >= 37.50G:
+    reserved        258.00M 
+    program           3.58G 
+    arguments        33.67G 
+Output size 84.38M; shares 0B with arguments.
+"""
+_OOM_ONE = ("RESOURCE_EXHAUSTED: Allocation (size=17314086912) would exceed memory "
+            "(size=17179869184) :: #allocation314 [shape = 'f32[1024,2,2,1024,1025]']")
+
+
+def test_compiler_oom_messages_become_a_memory_row():
+    """Both forms of XLA:TPU's refusal are parsed into used / available and, where the compiler
+    gives it, its split (arguments = weights per chip, program = temp): the report says which
+    one to shrink instead of printing a traceback."""
+    from tools._tpu_report import oom_row
+    from train.aot import _oom
+
+    e = _oom(_OOM_TOTAL)
+    assert (e.used, e.available) == (int(37.25 * GiB), int(15.75 * GiB))
+    assert e.parts == {"reserved": int(258.0 * (1 << 20)), "program": int(3.58 * GiB),
+                       "arguments": int(33.67 * GiB)}
+    row = oom_row(e, 16 * GiB)
+    assert row["fits"] is False and row["arguments"] == int(33.67 * GiB)
+    assert row["margin"] == int(15.75 * GiB) - int(37.25 * GiB)
+    one = _oom(_OOM_ONE)
+    assert (one.used, one.available, one.parts) == (17314086912, 17179869184, {})
+    assert _oom("INVALID_ARGUMENT: something else") is None

@@ -93,7 +93,8 @@ def memory_row(compiled, extra_device_bytes: int, hbm: int | None) -> dict:
 def oom_row(e, hbm: int | None) -> dict:
     """The memory row of a program the TPU compiler refused for exceeding HBM."""
     used = e.used
-    return {"arguments": None, "temp": None, "output": None, "alias": None, "code": None,
+    return {"arguments": e.parts.get("arguments"), "temp": None, "output": None, "alias": None,
+            "code": None, "program": e.parts.get("program"),
             "next_batch": None, "total": used, "hbm": e.available or hbm, "fits": False,
             "margin": None if used is None else int((e.available or hbm) - used),
             "compile_error": str(e)}
@@ -175,15 +176,19 @@ def teacher_report(opts) -> dict:
     hf = teacher_hf_config(opts.teacher)
     dims = parse_axis_dims(opts.sharding_axis_dims)
     layers = build_target_layer_ids(int(hf["num_hidden_layers"]), opts.num_features)
-    compiled, seconds, mesh = compile_forward(hf, devices, dims, batch=opts.batch_size,
-                                              seq_len=opts.seq_len, layer_ids=layers)
+    hbm = aot.device_hbm_bytes(devices[0], devices)
+    try:
+        compiled, seconds, mesh = compile_forward(hf, devices, dims, batch=opts.batch_size,
+                                                  seq_len=opts.seq_len, layer_ids=layers)
+        mem, flops_xla = memory_row(compiled, 0, hbm), _xla_flops(compiled)
+    except aot.DoesNotFit as e:  # weights or activations exceed HBM: the compiler's own split
+        seconds, mesh, mem, flops_xla = e.seconds, e.mesh, oom_row(e, hbm), None
     chip = aot.chip_for(devices[0])
     return {"program": "teacher_forward", "topology": opts.topology, "teacher": opts.teacher,
             "sharding_axis_dims": ",".join(map(str, dims)), "mesh": dict(mesh.shape),
             "batch_size": opts.batch_size, "seq_len": opts.seq_len, "layer_ids": list(layers),
             "compile_s": round(seconds, 1),
-            "memory": memory_row(compiled, 0, aot.device_hbm_bytes(devices[0], devices)),
-            "xla_flops": _xla_flops(compiled), **_peak(devices, chip)}
+            "memory": mem, "xla_flops": flops_xla, **_peak(devices, chip)}
 
 
 def _g(n) -> str:
@@ -199,6 +204,9 @@ def format_table(row: dict) -> str:
              "per chip:  arguments  temp  output (aliased)  code  next batch  = total / HBM"]
     if m.get("compile_error"):
         lines.append(f"  XLA refused it: {m['compile_error']}")
+        if m.get("program") is not None or m.get("arguments") is not None:
+            lines.append(f"  the compiler's split: arguments {_g(m.get('arguments'))}, "
+                         f"program (temp) {_g(m.get('program'))}")
     lines.append(f"  {_g(m['arguments'])}  {_g(m['temp'])}  {_g(m['output'])} "
                  f"({_g(m['alias'])})  {_g(m['code'])}  {_g(m['next_batch'])}  = "
                  f"{_g(m['total'])} / {_g(m['hbm'])}: {fit}")

@@ -79,8 +79,10 @@ def build_abstract(hf_config: dict, mesh_devices, axis_dims, *, dtype=jnp.bfloat
 
 def compile_forward(hf_config: dict, devices, axis_dims, *, batch: int, seq_len: int,
                     layer_ids, dtype=jnp.bfloat16):
-    """(compiled, seconds, mesh) of the dump's jitted features forward at [batch, seq_len]."""
+    """(compiled, seconds, mesh) of the dump's jitted features forward at [batch, seq_len];
+    train.aot.DoesNotFit (with its .seconds and .mesh) when XLA:TPU finds it exceeds HBM."""
     from pipeline.teacher.easydel_teacher import _forward
+    from train.aot import DoesNotFit, compile_lowered
 
     graphdef, state, mesh = build_abstract(hf_config, devices, axis_dims, dtype=dtype)
     dp = dict(mesh.shape)["dp"]
@@ -92,5 +94,10 @@ def compile_forward(hf_config: dict, devices, axis_dims, *, batch: int, seq_len:
     fn = jax.jit(functools.partial(_forward, graphdef), static_argnames=("layer_ids", "logits_at"))
     t0 = time.perf_counter()
     with mesh:
-        compiled = fn.lower(state, ids, mask, layer_ids=tuple(layer_ids), logits_at=None).compile()
+        try:
+            compiled = compile_lowered(fn.lower(state, ids, mask, layer_ids=tuple(layer_ids),
+                                                logits_at=None))
+        except DoesNotFit as e:
+            e.seconds, e.mesh = time.perf_counter() - t0, mesh
+            raise
     return compiled, time.perf_counter() - t0, mesh

@@ -103,9 +103,11 @@ class DoesNotFit(Exception):
     """XLA:TPU refuses to compile a program that exceeds HBM (RESOURCE_EXHAUSTED, "Ran out of
     memory in memory space hbm"); there is then no memory analysis, only its message."""
 
-    def __init__(self, message: str, used: int | None, available: int | None):
+    def __init__(self, message: str, used: int | None, available: int | None,
+                 parts: dict | None = None):
         super().__init__(message)
         self.used, self.available = used, available
+        self.parts = parts or {}  # the compiler's own split, e.g. {"arguments": ..., "program": ...}
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -119,9 +121,28 @@ def _oom(message: str) -> DoesNotFit | None:
     if m:
         used = int(float(m.group(1)) * _UNITS[m.group(2)])
         avail = int(float(m.group(3)) * _UNITS[m.group(4)])
+    else:  # the other form: one allocation alone is larger than HBM (used: at least that much)
+        m = re.search(r"Allocation \(size=(\d+)\) would exceed memory \(size=(\d+)\)", message)
+        if m:
+            used, avail = int(m.group(1)), int(m.group(2))
+    # "Total hbm usage >= ...:  reserved 258.00M / program 3.58G / arguments 33.67G": which part
+    # overflows tells the user what to change (weights per chip vs activations)
+    parts = {k: int(float(v) * _UNITS[u]) for k, v, u in
+             re.findall(r"^\s*(reserved|program|arguments)\s+([\d.]+)([KMGT]?)\s*$", message, re.M)}
     first = next((ln.strip() for ln in message.splitlines() if "memory" in ln.lower()),
                  message.splitlines()[0] if message else "")
-    return DoesNotFit(first[:300], used, avail)
+    return DoesNotFit(first[:300], used, avail, parts)
+
+
+def compile_lowered(lowered):
+    """lowered.compile(); DoesNotFit when the TPU compiler finds the program exceeds HBM."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # XlaRuntimeError; anything but an OOM propagates
+        oom = _oom(str(e))
+        if oom is None:
+            raise
+        raise oom from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +162,7 @@ class StepProgram:
     def compile(self):
         """The compiled step; DoesNotFit when the TPU compiler finds it exceeds HBM."""
         with target_backend(self.platform):
-            lowered = self.step_fn.lower(self.state, self.frozen, self.batch)
-            try:
-                return lowered.compile()
-            except Exception as e:  # XlaRuntimeError; anything but an OOM propagates
-                oom = _oom(str(e))
-                if oom is None:
-                    raise
-                raise oom from None
+            return compile_lowered(self.step_fn.lower(self.state, self.frozen, self.batch))
 
     def batch_device_bytes(self) -> int:
         """One batch's bytes per device (the loop places the next one while a step runs)."""
