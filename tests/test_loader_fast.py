@@ -188,3 +188,18 @@ def test_batches_held_by_the_consumer_or_by_jax_are_never_overwritten(caches):
                               next(oracle)["features"].view(np.uint16))
     assert aliased  # the case this test is about did occur
     assert ds.buffers.allocated >= 12  # so each held batch kept an array of its own
+
+
+def test_grain_profiling_notice_is_dropped_and_other_absl_warnings_kept():
+    """Importing the loader (as every trainer start does) no longer prints Grain's notice that
+    its worker profiler needs a newer jaxlib; any other absl warning still gets through."""
+    import subprocess
+    import sys
+
+    code = ("import logging, train.loader; "
+            "logging.getLogger('absl').warning('another absl warning')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(__import__('pathlib').Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Grain multiprocess worker profiling" not in r.stderr
+    assert "another absl warning" in r.stderr

@@ -24,15 +24,26 @@ Nothing here changes process-wide allocator settings: they would also govern XLA
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import weakref
 from pathlib import Path
 
-import grain
-import jax
-import numpy as np
+
+def _drop_grain_profiling_notice(record: logging.LogRecord) -> bool:
+    # Grain 0.2.18 logs at import that its multiprocess worker *profiling* needs jaxlib >= 0.11
+    # (easydel pins jax 0.9.2). Nothing here uses that profiler; the line only worried users at
+    # every trainer start. Only that one message is dropped.
+    return not str(record.msg).startswith("Grain multiprocess worker profiling requires jaxlib")
+
+
+logging.getLogger("absl").addFilter(_drop_grain_profiling_notice)
+
+import grain  # noqa: E402  (after the filter: the notice is logged at import)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from pipeline.cache import CacheManifest, CacheReader, decode_record, open_cache
 from pipeline.cache.format import BF16
