@@ -18,7 +18,6 @@ import signal
 from pathlib import Path
 
 from pipeline.cache.format import LEDGER_NAME, MANIFEST_NAME, CacheManifest, PartInfo, part_filename
-from pipeline.cache.parts import part_store
 from pipeline.errors import UserError
 from pipeline.cache.ledger import Ledger, atomic_write_json, fsync_dir
 
@@ -49,13 +48,12 @@ def _kill_points() -> set[tuple[str, int]]:
 class CacheWriter:
     """Appends encoded records, in sequence order, to a cache prepared by `prepare_cache`."""
 
-    def __init__(self, directory: Path, manifest: CacheManifest, ledger: Ledger, store=None):
+    def __init__(self, directory: Path, manifest: CacheManifest, ledger: Ledger, store):
         self.directory = Path(directory)
         self.manifest = manifest
         self.layout = manifest.layout
         self.ledger = ledger
-        # ArrayRecord files or TensorStore parts; prepare_cache passes the store it built
-        self.store = store if store is not None else part_store(directory, manifest)
+        self.store = store  # ArrayRecord files or TensorStore parts: the one prepare_cache built
         self.parts = list(ledger.parts)
         self.next_index = ledger.committed
         self.bytes_written = 0  # part bytes closed by this process
