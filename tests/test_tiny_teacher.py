@@ -143,12 +143,13 @@ def test_tiny_teacher_learned_far_beyond_unigram(snapshot):
 
 
 @pytest.mark.slow
-def test_default_teacher_reproduces_the_pinned_weights(snapshot):
-    """Two builds of the default recipe, on any machine of this type, give the same weights."""
+def test_default_teacher_reproduces_a_known_build(snapshot):
+    """The default recipe gives one of the known builds' weights (one per CPU kernel path seen);
+    a recipe, version or corpus change gives none of them."""
     report = json.loads((snapshot / mtt.REPORT).read_text())
     assert report["config"] == dataclasses.asdict(TinyTeacherConfig())
     assert report["recipe_version"] == mtt.RECIPE_VERSION
-    assert len(mtt.EXPECTED_WEIGHTS_SHA256) == 64
-    assert report["expected_weights_sha256"] == mtt.EXPECTED_WEIGHTS_SHA256
+    assert mtt.KNOWN_WEIGHTS_SHA256 and all(len(h) == 64 for h in mtt.KNOWN_WEIGHTS_SHA256)
     # the file itself, hashed here, not only the hash the builder wrote down
-    assert _sha(snapshot / "model.safetensors") == report["weights_sha256"] == mtt.EXPECTED_WEIGHTS_SHA256
+    assert _sha(snapshot / "model.safetensors") == report["weights_sha256"]
+    assert report["weights_sha256"] in mtt.KNOWN_WEIGHTS_SHA256, report.get("cpu")

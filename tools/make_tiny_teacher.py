@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.teacher.tiny import (  # noqa: F401  (re-exported: tests and tools use mtt.*)
-    DEFAULT_OUT, EXPECTED_WEIGHTS_SHA256, RECIPE_VERSION, REPORT, SNAPSHOT_FILES, _build_lock,
+    DEFAULT_OUT, KNOWN_WEIGHTS_SHA256, RECIPE_VERSION, REPORT, SNAPSHOT_FILES, _build_lock,
     build, ensure_tiny_teacher, is_complete)
 from pipeline.teacher.tiny_recipe import TinyTeacherConfig
 
