@@ -1,0 +1,197 @@
+"""Issue 23: drafts exported by `tools.export_draft` as vLLM TPU (`tpu-inference` 0.32.0) reads
+and runs them, checked with its own code in .venv-tpuinf (tests/_tpu_inference_oracle.py: its
+registry's DFlashForCausalLM, its weight loader, its proposer's block, its attention dispatcher
+with the package's XLA reference kernel on CPU).
+
+The config fields tpu-inference reads, and where (paths in the tpu_inference package):
+- target layer ids: dflash_config.target_layer_ids (models/jax/qwen3.py
+  get_dflash_aux_hidden_state_layers), each the OUTPUT of target layer i (its JAX targets
+  append x after running layer i: HF hidden_states[i + 1], the same offset as ours and z-lab);
+  their count sizes fc (models/jax/dflash.py DFlashModel). -> test_fields, test_fusion.
+- mask token: dflash_config.mask_token_id, default 0 (spec_decode/jax/dflash.py
+  DFlashProposer.__init__). -> test_fields (the block it builds).
+- block size: TOP-LEVEL `block_size`, else num_speculative_tokens + 1 (same place). Our z-lab
+  config had it only inside dflash_config, so a server started with fewer speculative tokens
+  than block_size - 1 ran a shorter block than the one trained; the export now writes it at
+  the top level too. The oracle runs with 3 speculative tokens to check it.
+- head_dim and its padding: `head_dim`, padded to a multiple of 128 unless it is 64
+  (utils.get_padded_head_dim); the loader pads q/k/v/o but q_norm/k_norm are not padded, so
+  any other head_dim fails to run; 64 takes the hd64 kernel, which refuses the bidirectional
+  attention DFlash needs (layers/common/attention_interface.py). -> test_refusals.
+- attention bias: not modelled: the loader has no place for `*_proj.bias` and raises.
+- sliding window / layer_types: never read; every layer runs full bidirectional attention over
+  the context and the block. -> test_sliding_window_is_not_applied.
+- rope: DFlashModel takes rope_theta and rope_scaling from the TARGET's config via getattr; with
+  transformers >= 5 (which it requires) configs have no `rope_theta` attribute, so theta is its
+  fallback 1e6, and `rope_scaling` is transformers' rope_parameters dict, which apply_rope
+  treats as Llama-3 scaling (factor 8 by default) whatever its rope_type. So no export can set
+  the RoPE it runs. -> test_rope_is_not_the_exported_one; the block parity below is therefore
+  taken at position 0 everywhere (RoPE the identity), where everything else must agree.
+"""
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+from model.config import DraftConfig
+from model.draft import _apply
+from model.io import load_config, save_msgpack
+from tests._speculators_fixtures import random_params
+from tests._tpu_inference_fixtures import run_tpu_inference
+from tools.export_draft import export
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-4
+MIN_CHANGE = 1e-3
+T, CTX, NUM_SPEC = 24, 20, 3
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+# tiny: the smallest draft tpu-inference's DFlash runs (head_dim 128, no bias, full layers)
+TINY = DraftConfig.tiny(vocab_size=64, mask_token_id=63, head_dim=128)
+# held out: a GPT-OSS target's shapes scaled down (24 target layers, ids [1, 6, 11, 16, 21],
+# 8:1 GQA, head_dim 64, attention bias, YaRN 32 / 4096, theta 150000)
+GPT_OSS = DraftConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=1, head_dim=64, vocab_size=64,
+                      block_size=8, mask_token_id=63, target_layer_ids=(1, 6, 11, 16, 21),
+                      num_target_layers=24, rope_theta=150000.0, rope_scaling=GPT_OSS_YARN,
+                      attention_bias=True, max_position_embeddings=131072)
+CONFIGS = {
+    "tiny": TINY,
+    "tiny_sliding": dataclasses.replace(
+        TINY, layer_types=("full_attention", "sliding_attention"), sliding_window=4),
+    "tiny_head_dim_16": dataclasses.replace(TINY, head_dim=16),
+    "gpt_oss": GPT_OSS,
+    "gpt_oss_no_bias": dataclasses.replace(GPT_OSS, attention_bias=False),
+}
+
+
+def _target_config(config: DraftConfig, name: str) -> dict:
+    """The target's config.json as the engine reads it (GPT-OSS for the held-out drafts)."""
+    d = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_target_layers,
+         "num_attention_heads": config.num_attention_heads,
+         "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+         "vocab_size": config.vocab_size, "intermediate_size": 128}
+    if name.startswith("gpt_oss"):
+        return dict(d, model_type="gpt_oss", num_local_experts=4, rope_theta=150000.0,
+                    rope_scaling=GPT_OSS_YARN)
+    return dict(d, model_type="qwen3", rope_theta=config.rope_theta)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tpu_inference")
+    rng = np.random.default_rng(3)
+    jobs, ours = [], {}
+    for name, config in CONFIGS.items():
+        params = random_params(config)
+        out = export(save_msgpack(tmp / f"{name}.msgpack", config, params), tmp / name)
+        (tmp / f"{name}.target.json").write_text(json.dumps(_target_config(config, name)))
+        h, v = config.hidden_size, config.vocab_size
+        x = dict(stack=rng.normal(size=(config.num_target_layers + 1, T, h)).astype(np.float32),
+                 input_ids=rng.integers(0, v - 1, size=T).astype(np.int32),
+                 embed=rng.normal(size=(v, h)).astype(np.float32),
+                 lm_head=(rng.normal(size=(v, h)) / np.sqrt(h)).astype(np.float32), ctx=CTX)
+        np.savez(tmp / f"{name}.inputs.npz", **x)
+        ours[name] = (load_config(out), params, x)
+        jobs.append(dict(draft=str(out), target=str(tmp / f"{name}.target.json"),
+                         inputs=str(tmp / f"{name}.inputs.npz"), num_speculative_tokens=NUM_SPEC,
+                         zero_positions=True, out=str(tmp / f"{name}.out.npz")))
+    results = run_tpu_inference(jobs, tmp)
+    return {name: (ours[name], res) for name, res in zip(CONFIGS, results)}
+
+
+def _read(res) -> dict:
+    return json.loads(str(res["config"]))
+
+
+def _features(config, x) -> np.ndarray:
+    # ours: layer id i = output of target layer i = HF hidden_states[i + 1]
+    return np.concatenate([x["stack"][i + 1][:CTX] for i in config.target_layer_ids], -1)
+
+
+def _our_block(config, params, x, window: bool = True):
+    """Our draft on the block tpu-inference runs, all positions 0; -> (hidden [B, H], logits)."""
+    if not window:
+        config = dataclasses.replace(config, layer_types=(), sliding_window=None)
+    tokens = model.block_tokens(config, jnp.asarray(x["input_ids"])[None], jnp.asarray([[CTX]]))
+    noise = model.embed_block(config, jnp.asarray(x["embed"]), tokens[:, 0])
+    # its DFlashModel builds embed_tokens with dtype bfloat16 (hard-coded), so the block enters
+    # its first layer rounded to bf16 even with f32 weights; everything after runs in f32 here
+    noise = noise.astype(jnp.bfloat16).astype(jnp.float32)
+    pos = jnp.zeros((1, CTX + config.block_size), jnp.int32)
+    hidden = model.draft_hidden(config, params, jnp.asarray(_features(config, x))[None], noise, pos)
+    logits = model.draft_logits(config, hidden, jnp.asarray(x["lm_head"]))
+    return np.asarray(hidden)[0], np.asarray(logits)[0]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_sliding", "gpt_oss_no_bias"])
+def test_tpu_inference_reads_our_fields(run, name):
+    (config, _, x), res = run[name]
+    got = _read(res)
+    assert got["target_layer_ids"] == list(config.target_layer_ids)
+    assert got["fc_in"] == config.num_features * config.hidden_size
+    assert got["mask_token_id"] == config.mask_token_id
+    assert got["block_size"] == config.block_size  # not NUM_SPEC + 1: the top-level field
+    assert got["block_tokens"] == [int(x["input_ids"][CTX])] + [config.mask_token_id] * (
+        config.block_size - 1)
+    assert got["block_positions"] == list(range(CTX, CTX + config.block_size))
+    assert got["head_dim_original"] == config.head_dim
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_sliding", "gpt_oss_no_bias"])
+def test_tpu_inference_fusion_equals_ours(run, name):
+    """fc + hidden_norm over the layers it taps equal ours over the layers we trained on."""
+    (config, params, x), res = run[name]
+    ours = _apply(config, params, jnp.asarray(_features(config, x)), method="fuse")
+    assert np.abs(res["target_hidden"] - np.asarray(ours)).max() <= TOL
+
+
+def test_tpu_inference_block_equals_ours(run):
+    """Tiny draft, RoPE the identity: its hidden states and logits for the block equal ours."""
+    (config, params, x), res = run["tiny"]
+    assert "error" not in _read(res)
+    hidden, logits = _our_block(config, params, x)
+    assert res["hidden"].shape == hidden.shape
+    assert np.abs(res["hidden"] - hidden).max() <= TOL
+    assert np.abs(res["logits"] - logits).max() <= TOL
+
+
+def test_tpu_inference_sliding_window_is_not_applied(run):
+    """A draft with a sliding layer (window 4 < 20 context positions) runs in tpu-inference as
+    if the window were not there: its output equals ours with the window dropped, and differs
+    from the draft as trained. So the export must keep the window (the reference loaders read
+    it) and a user must know that this engine ignores it."""
+    (config, params, x), res = run["tiny_sliding"]
+    assert config.sliding_window == 4 and "sliding_attention" in config.layer_types
+    trained, _ = _our_block(config, params, x)
+    without, _ = _our_block(config, params, x, window=False)
+    assert np.abs(res["hidden"] - without).max() <= TOL
+    assert np.abs(res["hidden"] - trained).max() > MIN_CHANGE
+
+
+def test_tpu_inference_refusals(run):
+    """Drafts tpu-inference 0.32.0 cannot run, as its own code says."""
+    assert "reshape" in _read(run["tiny_head_dim_16"][1])["error"]  # q_norm not padded to 128
+    assert "not a valid param path" in _read(run["gpt_oss"][1])["error"]  # q_proj.bias
+    assert "Bidirectional attention is not supported on the head_dim==64" in _read(
+        run["gpt_oss_no_bias"][1])["error"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt_oss_no_bias"])
+def test_tpu_inference_rope_is_not_the_exported_one(run, name):
+    (config, _, _), res = run[name]
+    got = _read(res)
+    assert got["rope_theta"] == 1e6 != config.rope_theta
+    assert got["rope_scaling"]["rope_theta"] == config.rope_theta  # present, but as scaling
+
+
+def test_tpu_inference_stand_ins_are_only_the_documented_ones(run):
+    stood_in = _read(run["tiny"][1])["stood_in"]
+    assert {m.split(".")[0] for m in stood_in["modules"]} <= {
+        "vllm", "compressed_tensors", "tokamax", "qwix"}
+    assert set(stood_in["torch_ops"]) <= {"aten::prod.dim_Dimname", "aten::index_copy.dimname",
+                                          "torchax.default_env", "vllm::torch_sdpa_wrapper"}
