@@ -38,6 +38,7 @@ import pytest
 import model
 from model.config import DraftConfig
 from model.draft import _apply
+from model.engine_support import tpu_inference_findings
 from model.io import load_config, save_msgpack
 from tests._speculators_fixtures import random_params
 from tests._tpu_inference_fixtures import run_tpu_inference
@@ -96,7 +97,9 @@ def run(tmp_path_factory):
                  embed=rng.normal(size=(v, h)).astype(np.float32),
                  lm_head=(rng.normal(size=(v, h)) / np.sqrt(h)).astype(np.float32), ctx=CTX)
         np.savez(tmp / f"{name}.inputs.npz", **x)
-        ours[name] = (load_config(out), params, x)
+        # ours is the draft as trained (not as read back): an export that loses or shifts a
+        # field shows up as a difference
+        ours[name] = (config, params, x, load_config(out))
         jobs.append(dict(draft=str(out), target=str(tmp / f"{name}.target.json"),
                          inputs=str(tmp / f"{name}.inputs.npz"), num_speculative_tokens=NUM_SPEC,
                          zero_positions=True, out=str(tmp / f"{name}.out.npz")))
@@ -130,7 +133,7 @@ def _our_block(config, params, x, window: bool = True):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_sliding", "gpt_oss_no_bias"])
 def test_tpu_inference_reads_our_fields(run, name):
-    (config, _, x), res = run[name]
+    (config, _, x, _), res = run[name]
     got = _read(res)
     assert got["target_layer_ids"] == list(config.target_layer_ids)
     assert got["fc_in"] == config.num_features * config.hidden_size
@@ -145,14 +148,14 @@ def test_tpu_inference_reads_our_fields(run, name):
 @pytest.mark.parametrize("name", ["tiny", "tiny_sliding", "gpt_oss_no_bias"])
 def test_tpu_inference_fusion_equals_ours(run, name):
     """fc + hidden_norm over the layers it taps equal ours over the layers we trained on."""
-    (config, params, x), res = run[name]
+    (config, params, x, _), res = run[name]
     ours = _apply(config, params, jnp.asarray(_features(config, x)), method="fuse")
     assert np.abs(res["target_hidden"] - np.asarray(ours)).max() <= TOL
 
 
 def test_tpu_inference_block_equals_ours(run):
     """Tiny draft, RoPE the identity: its hidden states and logits for the block equal ours."""
-    (config, params, x), res = run["tiny"]
+    (config, params, x, _), res = run["tiny"]
     assert "error" not in _read(res)
     hidden, logits = _our_block(config, params, x)
     assert res["hidden"].shape == hidden.shape
@@ -165,7 +168,7 @@ def test_tpu_inference_sliding_window_is_not_applied(run):
     if the window were not there: its output equals ours with the window dropped, and differs
     from the draft as trained. So the export must keep the window (the reference loaders read
     it) and a user must know that this engine ignores it."""
-    (config, params, x), res = run["tiny_sliding"]
+    (config, params, x, _), res = run["tiny_sliding"]
     assert config.sliding_window == 4 and "sliding_attention" in config.layer_types
     trained, _ = _our_block(config, params, x)
     without, _ = _our_block(config, params, x, window=False)
@@ -181,9 +184,23 @@ def test_tpu_inference_refusals(run):
         run["gpt_oss_no_bias"][1])["error"]
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tpu_inference_findings_match_its_behaviour(run, name):
+    """model.engine_support's list, computed from the EXPORTED config (what the engine sees),
+    says what tpu-inference did: blocked exactly when it refused, and a sliding-window
+    finding exactly for the sliding draft, so an export that drops the window is caught."""
+    (config, _, _, exported), res = run[name]
+    blocking, divergent = tpu_inference_findings(exported)
+    assert bool(blocking) == ("error" in _read(res))
+    # the window as trained, so an export that drops it (or the layer type) is caught
+    window = f"layers [1] slide over {config.sliding_window} positions"
+    assert any(window in d for d in divergent) == (name == "tiny_sliding")
+    assert any(f"not theta {config.rope_theta:g}" in d for d in divergent)
+
+
 @pytest.mark.parametrize("name", ["tiny", "gpt_oss_no_bias"])
 def test_tpu_inference_rope_is_not_the_exported_one(run, name):
-    (config, _, _), res = run[name]
+    (config, _, _, _), res = run[name]
     got = _read(res)
     assert got["rope_theta"] == 1e6 != config.rope_theta
     assert got["rope_scaling"]["rope_theta"] == config.rope_theta  # present, but as scaling
@@ -195,3 +212,23 @@ def test_tpu_inference_stand_ins_are_only_the_documented_ones(run):
         "vllm", "compressed_tensors", "tokamax", "qwix"}
     assert set(stood_in["torch_ops"]) <= {"aten::prod.dim_Dimname", "aten::index_copy.dimname",
                                           "torchax.default_env", "vllm::torch_sdpa_wrapper"}
+
+
+def test_export_engine_check_refuses_and_warns(tmp_path, capsys):
+    """`tools.export_draft --engine tpu-inference`: a draft it cannot run is refused in one
+    line with nothing written; one it runs differently is written, with the warnings."""
+    from tools.export_draft import main
+
+    for name, config in (("gpt_oss", GPT_OSS), ("tiny_sliding", CONFIGS["tiny_sliding"])):
+        save_msgpack(tmp_path / f"{name}.msgpack", config, random_params(config))
+    assert main([str(tmp_path / "gpt_oss.msgpack"), str(tmp_path / "a"),
+                 "--engine", "tpu-inference"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tpu-inference 0.32.0 cannot run this draft: head_dim 64")
+    assert "attention biases" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+    assert main([str(tmp_path / "tiny_sliding.msgpack"), str(tmp_path / "b"),
+                 "--engine", "tpu-inference"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: tpu-inference 0.32.0: layers [1] slide over 4 positions" in err
+    assert load_config(tmp_path / "b") == CONFIGS["tiny_sliding"]
