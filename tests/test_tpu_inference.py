@@ -103,8 +103,12 @@ def run(tmp_path_factory):
         jobs.append(dict(draft=str(out), target=str(tmp / f"{name}.target.json"),
                          inputs=str(tmp / f"{name}.inputs.npz"), num_speculative_tokens=NUM_SPEC,
                          zero_positions=True, out=str(tmp / f"{name}.out.npz")))
+    # the tiny draft once more at its real positions (CTX.. for the block), RoPE included
+    jobs.append(dict(jobs[0], zero_positions=False, out=str(tmp / "tiny_positions.out.npz")))
     results = run_tpu_inference(jobs, tmp)
-    return {name: (ours[name], res) for name, res in zip(CONFIGS, results)}
+    runs = {name: (ours[name], res) for name, res in zip(CONFIGS, results)}
+    runs["tiny_positions"] = (ours["tiny"], results[-1])
+    return runs
 
 
 def _read(res) -> dict:
@@ -204,6 +208,20 @@ def test_tpu_inference_rope_is_not_the_exported_one(run, name):
     got = _read(res)
     assert got["rope_theta"] == 1e6 != config.rope_theta
     assert got["rope_scaling"]["rope_theta"] == config.rope_theta  # present, but as scaling
+
+
+def test_tpu_inference_rope_moves_its_block(run):
+    """At the block's real positions its output leaves ours, while at position 0 (RoPE the
+    identity, test_tpu_inference_block_equals_ours) it equals ours: the RoPE it runs is not
+    the trained one."""
+    (config, params, x, _), res = run["tiny_positions"]
+    assert "error" not in _read(res)
+    tokens = model.block_tokens(config, jnp.asarray(x["input_ids"])[None], jnp.asarray([[CTX]]))
+    noise = model.embed_block(config, jnp.asarray(x["embed"]), tokens[:, 0])
+    noise = noise.astype(jnp.bfloat16).astype(jnp.float32)
+    pos = jnp.arange(CTX + config.block_size)[None]
+    ours = model.draft_hidden(config, params, jnp.asarray(_features(config, x))[None], noise, pos)
+    assert np.abs(res["hidden"] - np.asarray(ours)[0]).max() > MIN_CHANGE
 
 
 def test_tpu_inference_stand_ins_are_only_the_documented_ones(run):
