@@ -49,6 +49,7 @@ from tpu_inference.kernels.ragged_paged_attention.v3.kernel import \
 from tpu_inference.kernels.ragged_paged_attention.v3.kernel_hd64 import \
     ref_ragged_paged_attention_hd64  # noqa: E402
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata  # noqa: E402
+from tpu_inference.models.common import model_loader  # noqa: E402
 from tpu_inference.models.jax.dflash import DFlashForCausalLM  # noqa: E402
 from tpu_inference.models.jax.qwen3 import Qwen3Model  # noqa: E402
 from tpu_inference.spec_decode.jax.dflash import DFlashProposer  # noqa: E402
@@ -116,6 +117,15 @@ def vllm_config(draft_dir: str, target_cfg: dict, num_spec: int) -> SimpleNamesp
         additional_config={})
 
 
+def _taps_dflash(target_hf_config) -> bool:
+    """Whether the JAX model its registry has for the target collects DFlash's features
+    (qwen3.py / llama3.py have get_dflash_aux_hidden_state_layers)."""
+    import inspect
+
+    cls = model_loader._get_model_architecture(target_hf_config)
+    return "get_dflash_aux_hidden_state_layers" in inspect.getsource(sys.modules[cls.__module__])
+
+
 def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -162,6 +172,13 @@ def run(job: dict) -> dict:
                 "rope_scaling": dict(attn.rope_scaling) if attn.rope_scaling else None,
                 "head_dim": int(attn.head_dim), "head_dim_original": int(attn.head_dim_original),
                 "fc_in": int(model.model.fc.kernel.get_value().shape[0]),
+                # which implementation serves target and draft (DFlashProposer.load_model
+                # refuses a mismatch), and whether the target's JAX model taps DFlash features
+                "impl": {"target": model_loader.resolve_model_impl_type(cfg),
+                         "draft": model_loader.resolve_model_impl_type(cfg, True)},
+                "draft_class": model_loader._get_model_architecture(
+                    cfg.speculative_config.draft_model_config.hf_config).__name__,
+                "target_jax_taps_dflash": _taps_dflash(cfg.model_config.hf_config),
                 "stood_in": standins.STOOD_IN}
         out = {"target_hidden": np.asarray(target_hidden)}
         ctx_positions = jnp.arange(ctx, dtype=jnp.int32)

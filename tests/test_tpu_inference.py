@@ -77,9 +77,10 @@ def _target_config(config: DraftConfig, name: str) -> dict:
          "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
          "vocab_size": config.vocab_size, "intermediate_size": 128}
     if name.startswith("gpt_oss"):
-        return dict(d, model_type="gpt_oss", num_local_experts=4, rope_theta=150000.0,
-                    rope_scaling=GPT_OSS_YARN)
-    return dict(d, model_type="qwen3", rope_theta=config.rope_theta)
+        return dict(d, model_type="gpt_oss", architectures=["GptOssForCausalLM"],
+                    num_local_experts=4, rope_theta=150000.0, rope_scaling=GPT_OSS_YARN)
+    return dict(d, model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+                rope_theta=config.rope_theta)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,21 @@ def test_tpu_inference_refusals(run):
     assert "not a valid param path" in _read(run["gpt_oss"][1])["error"]  # q_proj.bias
     assert "Bidirectional attention is not supported on the head_dim==64" in _read(
         run["gpt_oss_no_bias"][1])["error"]
+
+
+def test_tpu_inference_gpt_oss_target_has_no_dflash_path(run):
+    """The engine side, by its own resolution: DFlashDraftModel -> its JAX DFlashForCausalLM
+    ("flax_nnx"); a GPT-OSS target is served by vLLM's torch model ("vllm", its preferred
+    list), and DFlashProposer.load_model refuses a draft whose implementation differs from the
+    target's; forcing the target to its JAX GptOss gives a model that collects no DFlash
+    features (only its Qwen3 / Llama-3 JAX models do). So gpt-oss-20b + DFlash does not start
+    on tpu-inference 0.32.0, whatever the draft."""
+    qwen3, gpt_oss = _read(run["tiny"][1]), _read(run["gpt_oss_no_bias"][1])
+    assert qwen3["draft_class"] == gpt_oss["draft_class"] == "DFlashForCausalLM"
+    assert qwen3["impl"] == {"target": "flax_nnx", "draft": "flax_nnx"}
+    assert qwen3["target_jax_taps_dflash"] is True
+    assert gpt_oss["impl"] == {"target": "vllm", "draft": "flax_nnx"}
+    assert gpt_oss["target_jax_taps_dflash"] is False
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
