@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install ref-venv tpu-venv clean
+.PHONY: demo test test-fast install ref-venv tpu-venv tpuinf-venv clean
 
 REF_VENV  ?= .venv-ref
 # Bumped whenever the recipe changes, so existing reference venvs (and CI's) are rebuilt.
@@ -13,6 +13,9 @@ REF_STAMP := $(REF_VENV)/.installed-stamp-2
 TPU_VENV    ?= .venv-tpu
 TPU_STAMP   := $(TPU_VENV)/.installed-stamp
 LIBTPU_SPEC ?= libtpu==0.0.37.*
+
+TPUINF_VENV  ?= .venv-tpuinf
+TPUINF_STAMP := $(TPUINF_VENV)/.installed-stamp
 
 install: $(STAMP)
 
@@ -48,6 +51,27 @@ $(TPU_STAMP): $(STAMP)
 		> "$$($(TPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dflash_main_venv.pth"
 	touch $(TPU_STAMP)
 
+# vLLM TPU's DFlash code (tpu-inference 0.32.0), the oracle of tests/test_tpu_inference.py.
+# --no-deps like .venv-tpu, on .venv's jax/flax/torch through a .pth: its own pins (jax 0.11.2,
+# flax 0.12.10, tokamax, qwix) need Python >= 3.12 and vllm is a CUDA build; what its DFlash
+# modules import from those is stood in by tests/_tpu_inference_standins.py. transformers
+# >= 5.8 is its requirement (its configs are read with transformers 5 semantics). The wheel
+# also installs top-level `tests` and `tools` packages, removed so they can shadow nothing.
+tpuinf-venv: $(TPUINF_STAMP)
+
+$(TPUINF_STAMP): $(STAMP)
+	test -x $(TPUINF_VENV)/bin/python || $(PY) -m venv --without-pip $(TPUINF_VENV)
+	$(PY) -m pip install -q --no-deps --upgrade \
+		--target "$$($(TPUINF_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+		tpu-inference==0.32.0 torchax==0.0.13 'transformers==5.15.*'
+	rm -rf "$$($(TPUINF_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/tests \
+		"$$($(TPUINF_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/tools
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(TPUINF_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dflash_main_venv.pth"
+	cd tests && JAX_PLATFORMS=cpu ../$(TPUINF_VENV)/bin/python -c "import _tpu_inference_standins as s; \
+		s.install(); import tpu_inference.models.jax.dflash, tpu_inference.spec_decode.jax.dflash"
+	touch $(TPUINF_STAMP)
+
 # torch is pinned and installed first so pip takes the CPU wheel on disk instead of a CUDA build.
 # The reference `dflash` package is our parity oracle; its declared deps would pull another torch.
 $(STAMP): pyproject.toml
@@ -58,7 +82,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps dflash==0.1.0
 	touch $(STAMP)
 
-test: $(STAMP) $(REF_STAMP) $(TPU_STAMP)
+test: $(STAMP) $(REF_STAMP) $(TPU_STAMP) $(TPUINF_STAMP)
 	$(PY) -m pytest -q -ra --durations=15 tests
 
 test-fast: $(STAMP)
@@ -68,4 +92,4 @@ demo: $(STAMP)
 	$(PY) -m tools.demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(REF_VENV) $(TPU_VENV) .pytest_cache
+	rm -rf $(VENV) $(REF_VENV) $(TPU_VENV) $(TPUINF_VENV) .pytest_cache

@@ -212,6 +212,9 @@ class DraftConfig:
             "vocab_size": self.vocab_size, "tie_word_embeddings": False,
             "initializer_range": 0.02, "use_cache": True, "dtype": dtype,
             "num_target_layers": self.num_target_layers, "dflash_config": dflash,
+            # also top level, as z-lab's released configs: vLLM TPU (tpu-inference) reads the
+            # block size only there, else it takes num_speculative_tokens + 1
+            "block_size": self.block_size,
         }
         if self.is_causal is not None:
             d["is_causal"] = self.is_causal

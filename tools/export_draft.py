@@ -2,6 +2,7 @@
 
   python -m tools.export_draft SRC OUT [--config CONFIG] [--dtype bfloat16]
                                [--format z-lab|speculators] [--verifier openai/gpt-oss-20b]
+                               [--engine tpu-inference]
 
 SRC is a training run directory (`train.main --out`: its latest committed Orbax checkpoint), a
 `model.save_msgpack` file, a bare params msgpack (the seed's draft_params.msgpack, with --config),
@@ -9,7 +10,9 @@ or a z-lab or speculators directory (re-export, e.g. to change dtype or format).
 loads with `dflash.model.DFlashDraftModel.from_pretrained`, SGLang and vLLM; a speculators one
 with `speculators.models.dflash.DFlashDraftModel.from_pretrained` and vLLM (`--verifier` names
 the target there). A config the chosen format cannot express is refused before anything is
-written.
+written. --engine tpu-inference first checks the draft against what vLLM TPU
+(tpu-inference 0.32.0) can run (model/engine_support.py): a draft it cannot load or run is
+refused, and what it would compute differently (sliding windows, RoPE) is printed as warnings.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from model.config import DraftConfig
+from model.engine_support import TPU_INFERENCE, tpu_inference_findings
 from model.io import FORMATS, CheckpointError, load_config, load_draft, load_msgpack, save_draft
 from model.speculators_format import FormatError
 from pipeline.errors import UserError
@@ -77,11 +81,28 @@ def load_params(src, config: DraftConfig | None = None):
     raise UserError(f"{src}: not a draft checkpoint this tool knows ({kinds})")
 
 
+ENGINES = ("tpu-inference",)
+
+
+def check_engine(config: DraftConfig, engine: str) -> list[str]:
+    """Refuse (UserError) a draft `engine` cannot run; -> warnings of what it runs differently."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r} (expected one of {ENGINES})")
+    blocking, divergent = tpu_inference_findings(config)
+    if blocking:
+        raise UserError(f"{TPU_INFERENCE} cannot run this draft: " + "; ".join(blocking))
+    return [f"{TPU_INFERENCE}: {d}" for d in divergent]
+
+
 def export(src, out, config_path=None, dtype: str | None = None, fmt: str = "z-lab",
-           verifier: str | None = None) -> Path:
-    """Load SRC (config from config_path when given) and write format `fmt` to OUT."""
+           verifier: str | None = None, engine: str | None = None) -> Path:
+    """Load SRC (config from config_path when given) and write format `fmt` to OUT; with
+    `engine`, refuse first a draft that engine cannot run and warn of what it runs differently."""
     config = load_config(config_path) if config_path else None
     config, params = load_params(src, config)
+    if engine is not None:
+        for warning in check_engine(config, engine):
+            print(f"warning: {warning}", file=sys.stderr)
     return save_draft(out, config, params, dtype=dtype, fmt=fmt, verifier=verifier)
 
 
@@ -98,9 +119,13 @@ def main(argv=None) -> int:
                     help="checkpoint format to write (default: z-lab)")
     ap.add_argument("--verifier", default=None,
                     help="speculators format: the target's name or path, stored as its verifier")
+    ap.add_argument("--engine", choices=ENGINES, default=None,
+                    help="check the draft against this serving engine first: refuse one it "
+                    "cannot run, warn of what it computes differently")
     args = ap.parse_args(argv)
     try:
-        path = export(args.src, args.out, args.config, args.dtype, args.fmt, args.verifier)
+        path = export(args.src, args.out, args.config, args.dtype, args.fmt, args.verifier,
+                      args.engine)
     except (UserError, CheckpointError, FormatError, OSError) as e:  # OSError: e.g. OUT is an existing file, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2
