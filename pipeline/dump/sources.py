@@ -100,10 +100,9 @@ def _mask_token_id(cfg: dict, model_path: Path | None):
 
 def check_seq_len(config, cfg: dict) -> None:
     """--seq-len must fit the teacher's positions (checked before anything is written)."""
-    limit = cfg.get("max_position_embeddings")
-    if isinstance(limit, int) and not isinstance(limit, bool) and config.seq_len > limit:
-        raise UserError(f"--seq-len {config.seq_len} exceeds the teacher's "
-                        f"max_position_embeddings {limit}; pass --seq-len {limit} or less")
+    from pipeline.data.limits import check_window, teacher_positions
+
+    check_window(config.seq_len, teacher_positions(cfg))
 
 
 def _snapshot_info(config, path: Path) -> TeacherInfo:

@@ -67,7 +67,7 @@ def load_target(path, feature_layers) -> tuple[TargetShape, dict, object]:
     w = {k: jnp.asarray(v, jnp.float32) for k, v in read_safetensors(path).items()}
     if any(k.endswith("_blocks") for k in w):
         raise UserError(f"{path}: MXFP4-quantized experts are not supported by the cached target; "
-                        "use --naive or a dequantized snapshot")
+                        "use a dequantized snapshot (or tools.spec_decode --naive)")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     shape = TargetShape(
         num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
