@@ -20,7 +20,9 @@ import model
 from model.config import DraftConfig
 from pipeline.errors import UserError
 from train.checkpoint import Checkpointer
-from train import aot, memory
+from train.preempt import Preempted, StopOnSignal
+from train.run_lock import run_lock
+from train import aot, disk, memory
 from train.config import TrainConfig
 from train.guard import (FiniteWatch, NonFiniteError, cache_fingerprint, check_block_fits,
                          check_out_dir, manifest_object)
@@ -171,10 +173,21 @@ def _write_json(path: Path, obj) -> None:
 
 
 def train(cfg: TrainConfig, devices=None) -> dict:
-    """Run (or resume) the training described by cfg on `devices` (default: all) -> summary."""
+    """Run (or resume) the training described by cfg on `devices` (default: all) -> summary.
+    Holds --out's lock (train/run_lock.py); SIGTERM stops after a save (train/preempt.py)."""
+    check_out_dir(Path(cfg.out))  # before anything is written or compiled
+    with run_lock(cfg.out), StopOnSignal() as stop, disk.quiet_no_space():
+        try:
+            return _run(cfg, devices, stop)
+        except Exception as e:  # a full disk inside Orbax or a write: one line (train/disk.py)
+            if isinstance(e, UserError) or not disk.is_no_space(e):
+                raise
+            raise UserError(disk.no_space_message(cfg.out)) from None
+
+
+def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     t_start = time.time()
     out = Path(cfg.out)
-    check_out_dir(out)  # before anything is written or compiled
     manifest_object(Path(cfg.data) / "manifest.json")  # JSON but not an object: one line
     cache = open_training_cache(cfg.data)
     manifest = cache.manifest
@@ -270,7 +283,14 @@ def train(cfg: TrainConfig, devices=None) -> dict:
                 ckpt.save(done, state, data_it.get_state())
                 _write_msgpack(out, dcfg, _host_params(state["params"]))
                 last_saved = done
-    except NonFiniteError:
+            if done < cfg.steps and stop.should_stop(sync=done % cfg.log_every == 0):
+                if last_saved != done:
+                    watch.check(last_saved)
+                    ckpt.save(done, state, data_it.get_state())
+                    _write_msgpack(out, dcfg, _host_params(state["params"]))
+                raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}, saved "
+                                f"in {out}; rerun the same command to resume")
+    except (NonFiniteError, Preempted):
         ckpt.close()  # the good checkpoints still being written are committed
         writer.close()
         if bar is not None:

@@ -30,6 +30,7 @@ import sys
 from pipeline import distributed
 from pipeline.errors import UserError
 from train.config import TrainConfig
+from train.preempt import PREEMPTED_EXIT, Preempted
 
 _HELP = {
     "data": "feature cache directory (manifest.json + shards) from pipeline.teacher_dump",
@@ -87,6 +88,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM: saved; exit 75 says "rerun to resume" (train/preempt.py)
+        print(f"preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     print(json.dumps(summary), flush=True)
     return 0
 
