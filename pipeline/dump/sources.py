@@ -109,9 +109,11 @@ def _snapshot_info(config, path: Path) -> TeacherInfo:
     """Everything the dump needs from the snapshot, validated before any file is written:
     config.json (JSON, GPT-OSS, its sizes), safetensors weights present, --seq-len in range."""
     from pipeline.teacher.snapshot import check_weights, read_config
+    from pipeline.teacher.snapshot_check import check_headers, read_headers
     cfg_path = path / "config.json"
     cfg = read_config(path)
     check_weights(path)
+    check_headers(path, cfg, read_headers(path))  # config.json describes the weights
     check_seq_len(config, cfg)
     identity = {"path": str(path), "config_sha256": sha256_file(cfg_path),
                 "weights_sha256": _weights_sha256(path), "model_type": cfg.get("model_type")}
