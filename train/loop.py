@@ -20,7 +20,7 @@ import model
 from model.config import DraftConfig
 from pipeline.errors import UserError
 from train.checkpoint import Checkpointer
-from train.preempt import Preempted, StopOnSignal
+from pipeline.preempt import Preempted, StopOnSignal
 from train.run_lock import run_lock
 from train import aot, disk, memory
 from train.config import TrainConfig

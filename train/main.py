@@ -30,7 +30,7 @@ import sys
 from pipeline import distributed
 from pipeline.errors import UserError
 from train.config import TrainConfig
-from train.preempt import PREEMPTED_EXIT, Preempted
+from pipeline.preempt import PREEMPTED_EXIT, Preempted
 
 _HELP = {
     "data": "feature cache directory (manifest.json + shards) from pipeline.teacher_dump",

@@ -113,8 +113,8 @@ def _snapshot_info(config, path: Path) -> TeacherInfo:
     cfg_path = path / "config.json"
     cfg = read_config(path)
     check_weights(path)
-    check_headers(path, cfg, read_headers(path))  # config.json describes the weights
     check_seq_len(config, cfg)
+    check_headers(path, cfg, read_headers(path))  # config.json describes the weights
     identity = {"path": str(path), "config_sha256": sha256_file(cfg_path),
                 "weights_sha256": _weights_sha256(path), "model_type": cfg.get("model_type")}
     tokenizer = str(path) if any((path / f).is_file() for f in (

@@ -23,6 +23,7 @@ import types
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.preempt import Preempted, StopOnSignal
 from pipeline.speculative.generate import SamplingConfig
 from pipeline.cache.ledger import atomic_write_json, fsync_dir
 
@@ -195,6 +196,7 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
     bar = _progress(config.progress, len(records), start)
     new_tokens, parts = 0, 0
     pending = [first] if first is not None else []
+    stop = StopOnSignal().__enter__()  # SIGTERM: stop after the part being written
     try:
         while pending:
             pending += [p for _, p in zip(range(config.interval - len(pending)), prompts)]
@@ -208,7 +210,11 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
             pending = [p for _, p in zip(range(1), prompts)]
             if stop_after_parts is not None and parts >= stop_after_parts and pending:
                 return _summary(out, ledger, new_tokens, parts, t0)
+            if stop.requested is not None and pending:
+                raise Preempted(f"stopped by SIGTERM; {ledger['prompts_done']} prompts committed "
+                                f"in {out}; rerun the same command to resume")
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
     ledger = dict(ledger, complete=True)
     atomic_write_json(out / LEDGER, ledger)

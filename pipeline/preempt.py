@@ -1,9 +1,11 @@
 """Preemption: SIGTERM (what a preemptible or maintenance-bound TPU VM, Kubernetes or Slurm send
-before they kill a job) asks the trainer to stop cleanly instead of dying at once.
+before they kill a job) asks a long job to stop cleanly instead of dying at once.
 
-`StopOnSignal()` installs a SIGTERM handler that only sets a flag; the training loop asks
-`should_stop(step)` after each step and, when it is set, finishes that step, saves a checkpoint and
-raises `Preempted`. The CLI prints one line and exits with `PREEMPTED_EXIT` (75, EX_TEMPFAIL:
+`StopOnSignal()` installs a SIGTERM handler that only sets a flag. The trainer asks
+`should_stop(...)` after each step and, when it is set, saves a checkpoint after that step; the
+dump stops queuing batches, lets the writer commit what it holds and drops the uncommitted
+interval; regenerate stops after the part it is writing. Each then raises `Preempted`. The CLIs
+print one `preempted:` line and exit with `PREEMPTED_EXIT` (75, EX_TEMPFAIL:
 "temporary failure, retry"), distinct from success (0), bad input (2), Ctrl-C (130) and a kill
 (137/143), so a scheduler can tell "stopped cleanly, rerun to resume" from a crash. A second
 SIGTERM takes the default action (the process ends at once), so a stuck save can still be killed.
