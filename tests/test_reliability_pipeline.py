@@ -120,3 +120,37 @@ def test_chat_prompt_longer_than_the_teacher_is_refused_like_spec_decode_prompts
     strip = lambda t: re.sub(r"\d+", "N", t.split("the prompt's")[1])  # noqa: E731
     assert str(e.value).startswith(f"{data}:2: the prompt's")
     assert strip(line) == strip(str(e.value))
+
+
+def test_stderr_filter_drops_only_the_known_lines_even_when_the_cli_aborts(tmp_path):
+    """The filter every CLI installs: XLA:CPU's "+prefer-no-*" E-lines and Grain's jaxlib warning
+    go, everything else arrives in order, including what was written just before an abort."""
+    script = tmp_path / "cli.py"
+    script.write_text(
+        "import os, sys\n"
+        "from pipeline.stderr_filter import install\n"
+        "install()\n"
+        "sys.stderr.write('step 1\\n'); sys.stderr.flush()\n"
+        "os.write(2, b'E1205 cpu_aot_loader.cc:220] Loading XLA:CPU AOT result. Target machine "
+        "feature +prefer-no-gather is not  supported on the host machine.\\n')\n"
+        "os.write(2, b'WARNING:absl:Grain multiprocess worker profiling requires jaxlib "
+        "extension version 448 or later\\n')\n"
+        "os.write(2, b'F1205 check failed: last words')\n"
+        "os.abort()\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == -signal.SIGABRT
+    assert r.stderr == "step 1\nF1205 check failed: last words"
+
+
+@pytest.mark.slow
+def test_dump_cli_stderr_has_no_xla_cache_lines(tiny, tmp_path):
+    """The tiny dump loads the teacher's programs from the persistent compilation cache (warm
+    after the suite's earlier tiny dumps), where XLA:CPU prints its two spurious E-lines; the CLI
+    drops them and nothing else."""
+    r = run([sys.executable, "-m", "pipeline.teacher_dump", "--model", "tiny", "--seq-len", "32",
+             "--max-seqs", "2", "--batch-size", "2", "--shards", "1", "--no-progress",
+             "--out", str(tmp_path / "b")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prefer-no-" not in r.stderr and "Grain multiprocess" not in r.stderr
+    assert r.stdout.strip().startswith("{")  # the result line is untouched
