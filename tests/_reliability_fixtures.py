@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_FLAGS = ["--no-progress", "--batch-size", "8", "--draft-layers", "1", "--block-size", "4",
-               "--anchors-per-seq", "4", "--eval-fraction", "0", "--log-every", "1",
-               "--compute-dtype", "float32"]
+TRAIN_FLAGS = ["--no-progress", "--draft-layers", "1", "--log-every", "1", "--compute-dtype",
+               "float32", "--block-size", "4", "--batch-size", "8", "--anchors-per-seq", "4",
+               "--eval-fraction", "0"]
 
 
 def train_cmd(data, out, steps: int, *extra) -> list[str]:

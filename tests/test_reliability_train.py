@@ -88,3 +88,30 @@ def test_full_disk_is_one_line_and_stale_tmp_removed(reference, tmp_path):
         assert not list((out / "checkpoints").glob("*tmp*"))
         assert_same_export(out, ref)
         shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_memory_preflight_counts_the_heldout_evaluation_forward(reference, tmp_path):
+    """Issue 22, item 8: with an anchor at every position the held-out forward can outweigh a
+    small step; the pre-flight's peak is the larger of the two, so a limit between the step's
+    and the evaluation's needs is refused in one line naming the evaluation."""
+    import json
+
+    data, _ = reference
+    small = ["--batch-size", "8", "--anchors-per-seq", "1", "--eval-fraction", "0.34",
+             "--eval-every", "2"]
+    cmd = train_cmd(data, tmp_path / "ok", 2, "--save-every", 1000)
+    r = run(cmd + small)  # argparse: the last of a repeated flag wins
+    assert r.returncode == 0, r.stderr[-3000:]
+    est = json.loads((tmp_path / "ok" / "memory.json").read_text())
+    step, evals = est["step_device_bytes"], est["eval_device_bytes"]
+    assert evals > step > 0
+    n = est["local_devices"]  # CPU devices are host RAM
+    assert est["host_bytes"] == est["loader_bytes"] + est["save_bytes"] + evals * n
+    limit = (est["host_bytes"] - (evals - step) * n // 2) / 1e9  # fits the step alone, not eval
+    cmd = train_cmd(data, tmp_path / "no", 2, "--memory-limit-gb", f"{limit:.9f}")
+    r = run(cmd + small)
+    assert r.returncode == 2
+    line = one_line(r.stderr)
+    assert "held-out evaluation forward" in line and "--eval-fraction 0" in line, line
+    assert_hints_are_flags(line, "train.main")

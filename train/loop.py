@@ -115,9 +115,12 @@ def _write_msgpack(out: Path, dcfg, params) -> None:
         os.replace(tmp, out / "draft_params.msgpack")
 
 
-def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch_abs):
+def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch_abs,
+                     evaluator=None, frozen_abs=None):
     """The step's memory (train/memory.py) for this process: compiled step per local device,
-    loader buffers and save copies."""
+    loader buffers and save copies, and the held-out evaluation forward's peak."""
+    evals = (memory.eval_device_bytes(evaluator.compile(abstract["params"], frozen_abs), abstract)
+             if evaluator is not None else 0)
     pc = jax.process_count()
     direct = manifest.format == "tensorstore" and manifest.hosts in (1, pc)
     loader = memory.loader_buffer_bytes(manifest, batch=cfg.batch_size // pc,
@@ -128,7 +131,8 @@ def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch
         compiled, batch_device_bytes=memory.tree_bytes(batch_abs) // shards,
         local_devices=[d for d in mesh.devices.flat if d.process_index == jax.process_index()],
         loader_bytes=loader, state_bytes=memory.tree_bytes(abstract) // pc,
-        params_bytes=memory.tree_bytes(abstract["params"]), limit_gb=cfg.memory_limit_gb)
+        params_bytes=memory.tree_bytes(abstract["params"]), limit_gb=cfg.memory_limit_gb,
+        eval_device_bytes=evals)
 
 
 def eval_split(cfg: TrainConfig, cache, manifest):
@@ -215,7 +219,10 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     init, abstract, state_sh, frozen_sh = prog.init, prog.state, prog.state_sh, prog.frozen_sh
     step_fn, batch_sh, batch_abs = prog.step_fn, prog.batch_sh, prog.batch
     compiled = aot.compile_or_refuse(prog, cfg)  # a TPU compile refuses an HBM overflow
-    estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs)
+    evaluator = (Evaluator(cfg, dcfg, mesh, eval_cache, heldout, state_sh["params"], frozen_sh)
+                 if len(heldout) else None)  # compiled now: its forward is in the estimate
+    estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs, evaluator,
+                                prog.frozen)
     memory.check_fits(estimate, cfg)
     if jax.process_index() == 0:
         print(f"memory estimate: {memory.describe(estimate)}", file=sys.stderr)
@@ -231,8 +238,6 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
               for k, v in (("embed", embed), ("lm_head", head))}
     del embed, head  # the host copies are not needed again
 
-    evaluator = (Evaluator(cfg, dcfg, mesh, eval_cache, heldout, state_sh["params"], frozen_sh)
-                 if len(heldout) else None)
     data_it = iter(make_dataset(train_cache, global_batch=cfg.batch_size,
                                 anchors_per_seq=cfg.anchors_per_seq, seed=cfg.seed,
                                 read_threads=cfg.read_threads, prefetch=cfg.prefetch))
