@@ -11,6 +11,7 @@ settings (teacher, data, sampling, batching) is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -144,6 +145,17 @@ def _ours(name: str) -> bool:
 
 
 def _commit_part(out: Path, ledger: dict, lines: list[str], done: int) -> dict:
+    try:
+        return _write_part(out, ledger, lines, done)
+    except OSError as e:  # a full disk, a read-only or vanished --out: one line, resumable
+        with contextlib.suppress(OSError):
+            (out / f"part-{len(ledger['parts']):05d}.jsonl.tmp").unlink(missing_ok=True)
+        raise UserError(f"writing the next part in --out {out} failed ({e.strerror or e}); "
+                        f"{ledger['prompts_done']} prompts are committed: fix it and rerun the "
+                        "same command to resume") from None
+
+
+def _write_part(out: Path, ledger: dict, lines: list[str], done: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     name = f"part-{len(ledger['parts']):05d}.jsonl"
     body = "".join(lines).encode()
