@@ -61,7 +61,8 @@ def read_headers(path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _int(cfg: dict, key: str, default=None) -> int:
-    v = cfg.get(key, default)
+    v = cfg.get(key)
+    v = default if v is None else v  # HF writes absent optional sizes as null
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise UserError(f"config.json: {key} is {v!r}, expected a positive integer")
     return v
