@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
