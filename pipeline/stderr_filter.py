@@ -9,7 +9,8 @@
     profile Grain workers).
 
 `install()` (first line of every CLI's `__main__`) points fd 2 at a pipe read by a small child
-process that writes the other lines to the real stderr. The lines come from C++ (absl logging
+process (stdlib only, ignoring SIGINT/SIGTERM/SIGHUP sent to the process group) that writes the
+other lines to the real stderr. The lines come from C++ (absl logging
 to fd 2) as well as Python, so only a file-descriptor filter sees both. A child, not a thread:
 when the CLI crashes (a C++ abort, a signal) the child still drains what was written before, so
 the last words of a crash are never lost. `is_benign` is what tools/demo.py filters its steps'
@@ -18,6 +19,7 @@ stderr with, the same rule. DFLASH_RAW_STDERR=1 turns the filter off.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +32,23 @@ def is_benign(line: str) -> bool:
     return any(all(mark in line for mark in marks) for marks in BENIGN)
 
 
+# The child: plain stdlib, no project import (it must start wherever the CLI runs), deaf to the
+# signals a terminal or a scheduler sends the whole process group (Ctrl-C, SIGTERM): it ends
+# when the CLI's end closes the pipe, after relaying everything written before.
+_CHILD = """
+import json, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+benign = json.loads(sys.argv[1])
+out = sys.stdout.buffer
+for raw in sys.stdin.buffer:
+    line = raw.decode("utf-8", "replace")
+    if not any(all(m in line for m in marks) for marks in benign):
+        out.write(raw)
+        out.flush()
+"""
+
+
 def install() -> None:
     """Filter this process's stderr (fd 2) from here on; no-op when it is off or impossible."""
     if os.environ.get("DFLASH_RAW_STDERR") == "1" or os.environ.get("_DFLASH_STDERR_FILTERED"):
@@ -37,9 +56,9 @@ def install() -> None:
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-        child = subprocess.Popen([sys.executable, "-m", "pipeline.stderr_filter"],
+        child = subprocess.Popen([sys.executable, "-S", "-c", _CHILD, json.dumps(BENIGN)],
                                  stdin=subprocess.PIPE, stdout=saved, stderr=saved,
-                                 env={**os.environ, "_DFLASH_STDERR_FILTERED": "1"})
+                                 start_new_session=True)  # out of reach of a group's signals
     except OSError:
         return
     os.dup2(child.stdin.fileno(), 2)
@@ -58,15 +77,3 @@ def install() -> None:
             pass
 
     atexit.register(restore)
-
-
-def _relay() -> None:
-    out = sys.stdout.buffer
-    for raw in sys.stdin.buffer:  # line by line; a partial last line comes at EOF
-        if not is_benign(raw.decode("utf-8", "replace")):
-            out.write(raw)
-            out.flush()
-
-
-if __name__ == "__main__":
-    _relay()

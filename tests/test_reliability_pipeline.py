@@ -141,6 +141,21 @@ def test_stderr_filter_drops_only_the_known_lines_even_when_the_cli_aborts(tmp_p
                        timeout=60)
     assert r.returncode == -signal.SIGABRT
     assert r.stderr == "step 1\nF1205 check failed: last words"
+    # Ctrl-C reaches the whole process group; the filter is not in it, so the CLI's last line
+    # ("error: interrupted ...") still arrives
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from pipeline.stderr_filter import install\n"
+        "install()\n"
+        "try:\n"
+        "    os.killpg(os.getpgrp(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.stderr.write('error: interrupted\\n')\n"
+        "    sys.exit(130)\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, start_new_session=True)
+    assert (r.returncode, r.stderr) == (130, "error: interrupted\n")
 
 
 @pytest.mark.slow
