@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import CheckpointError, UserError
+from model.paths import inside
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -41,9 +42,11 @@ def weight_map(path) -> dict[str, str]:
             wmap = json.loads(index.read_text())["weight_map"]
             if not isinstance(wmap, dict):
                 raise TypeError(f"weight_map is a {type(wmap).__name__}")
-            return {str(k): str(v) for k, v in wmap.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({_first_line(e)})") from None
+        for v in set(wmap.values()):  # every file it names must lie in the snapshot
+            inside(path, v, index.name)
+        return {str(k): str(v) for k, v in wmap.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights")

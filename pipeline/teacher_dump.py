@@ -101,4 +101,6 @@ def main(argv=None, *, teacher=None, sequences=None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.stderr_filter import install  # XLA:CPU / Grain noise
+    install()
     sys.exit(main())

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.stderr_filter import is_benign
+
 
 class StepFailed(Exception):
     """A demo step's CLI exited non-zero; the demo stops there (later steps would read its output)."""
@@ -50,13 +52,8 @@ def _run(step: str, args, log) -> str:
     return proc.stdout
 
 
-# XLA:CPU logs two E-level lines ("Target machine feature +prefer-no-gather is not supported on
-# the host machine ... could lead to execution errors such as SIGILL") each time it loads a
-# program from the persistent compilation cache, even one this machine just compiled: it counts
-# LLVM tuning flags as CPU features (jax-ml/jax#38445, openxla/xla#44565; jax 0.9.2). The cached
-# program still loads and runs (a cache hit, measured), so the demo keeps the cache and drops
-# only these lines; every other stderr line of a step is passed on as it comes.
-_BENIGN_STDERR = ("cpu_aot_loader.cc", "+prefer-no-")
+# XLA:CPU's spurious "+prefer-no-*" lines and Grain's jaxlib warning are dropped by the rule
+# every CLI filters its own stderr with (pipeline/stderr_filter.py); steps pass the rest on.
 
 
 def _call(cmd) -> subprocess.CompletedProcess:
@@ -72,7 +69,7 @@ def _call(cmd) -> subprocess.CompletedProcess:
 
 def _relay_stderr(stream) -> None:
     for line in stream:
-        if not all(mark in line for mark in _BENIGN_STDERR):
+        if not is_benign(line):
             sys.stderr.write(line)
             sys.stderr.flush()
 

@@ -50,4 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.stderr_filter import install  # XLA:CPU / Grain noise
+    install()
     sys.exit(main())

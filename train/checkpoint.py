@@ -19,6 +19,9 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True):
         self.directory = Path(run_dir).absolute() / "checkpoints"
+        if jax.process_index() == 0:  # a save cut short (full disk, kill) left these behind
+            from train.disk import remove_stale_tmp
+            remove_stale_tmp(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
@@ -30,6 +33,12 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict) -> None:
+        from train.disk import check_space
+        # what this save and the msgpack beside it write (params are a quarter of AdamW's state),
+        # per process, plus slack for Orbax's metadata
+        local = sum(s.data.nbytes for x in jax.tree.leaves(state) if hasattr(x, "addressable_shards")
+                    for s in x.addressable_shards if s.replica_id == 0)
+        check_space(self.directory, local * 4 // 3 + (1 << 20))
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 

@@ -87,6 +87,21 @@ class Evaluator:
 
         self._predict = jax.jit(predict, in_shardings=(state_param_sh, frozen_sh, in_sh),
                                 out_shardings=rep)
+        self._compiled = None
+
+    def compile(self, params_abs, frozen_abs):
+        """Compile the evaluation forward ahead of time (the memory pre-flight reads its memory
+        analysis; the evaluations then run this compiled program)."""
+        tails = np.stack([sim.tail_anchors(sim.generated_runs(mk), self.block, self.runs)
+                          for mk in self.mask[:1]])
+        shapes = {"input_ids": ((self.batch, self.t), np.int32),
+                  "loss_mask": ((self.batch, self.t), np.uint8),
+                  "features": ((self.batch, self.t, self.f), jnp.bfloat16),
+                  "tails": ((self.batch,) + tails.shape[1:], tails.dtype)}
+        batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=self._in_sh[k])
+                 for k, (shape, dt) in shapes.items()}
+        self._compiled = self._predict.lower(params_abs, frozen_abs, batch).compile()
+        return self._compiled
 
     def _features(self, rows: np.ndarray) -> np.ndarray:
         out = np.zeros((len(rows), self.t, self.f), jnp.bfloat16)
@@ -106,7 +121,7 @@ class Evaluator:
                     "features": self._features(self.rows[sl]), "tails": tails}
             batch = {k: jax.make_array_from_process_local_data(self._in_sh[k], v)
                      for k, v in host.items()}
-            out = jax.device_get(self._predict(params, frozen, batch))
+            out = jax.device_get((self._compiled or self._predict)(params, frozen, batch))
             stats.add(*out)
         return stats.result(self.sequences)
 

@@ -20,7 +20,9 @@ import model
 from model.config import DraftConfig
 from pipeline.errors import UserError
 from train.checkpoint import Checkpointer
-from train import aot, memory
+from pipeline.preempt import Preempted, StopOnSignal
+from train.run_lock import run_lock
+from train import aot, disk, memory
 from train.config import TrainConfig
 from train.guard import (FiniteWatch, NonFiniteError, cache_fingerprint, check_block_fits,
                          check_out_dir, manifest_object)
@@ -113,9 +115,12 @@ def _write_msgpack(out: Path, dcfg, params) -> None:
         os.replace(tmp, out / "draft_params.msgpack")
 
 
-def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch_abs):
+def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch_abs,
+                     evaluator=None, frozen_abs=None):
     """The step's memory (train/memory.py) for this process: compiled step per local device,
-    loader buffers and save copies."""
+    loader buffers and save copies, and the held-out evaluation forward's peak."""
+    evals = (memory.eval_device_bytes(evaluator.compile(abstract["params"], frozen_abs), abstract)
+             if evaluator is not None else 0)
     pc = jax.process_count()
     direct = manifest.format == "tensorstore" and manifest.hosts in (1, pc)
     loader = memory.loader_buffer_bytes(manifest, batch=cfg.batch_size // pc,
@@ -126,7 +131,8 @@ def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch
         compiled, batch_device_bytes=memory.tree_bytes(batch_abs) // shards,
         local_devices=[d for d in mesh.devices.flat if d.process_index == jax.process_index()],
         loader_bytes=loader, state_bytes=memory.tree_bytes(abstract) // pc,
-        params_bytes=memory.tree_bytes(abstract["params"]), limit_gb=cfg.memory_limit_gb)
+        params_bytes=memory.tree_bytes(abstract["params"]), limit_gb=cfg.memory_limit_gb,
+        eval_device_bytes=evals)
 
 
 def eval_split(cfg: TrainConfig, cache, manifest):
@@ -171,10 +177,21 @@ def _write_json(path: Path, obj) -> None:
 
 
 def train(cfg: TrainConfig, devices=None) -> dict:
-    """Run (or resume) the training described by cfg on `devices` (default: all) -> summary."""
+    """Run (or resume) the training described by cfg on `devices` (default: all) -> summary.
+    Holds --out's lock (train/run_lock.py); SIGTERM stops after a save (train/preempt.py)."""
+    check_out_dir(Path(cfg.out))  # before anything is written or compiled
+    with run_lock(cfg.out), StopOnSignal() as stop, disk.quiet_no_space():
+        try:
+            return _run(cfg, devices, stop)
+        except Exception as e:  # a full disk inside Orbax or a write: one line (train/disk.py)
+            if isinstance(e, UserError) or not disk.is_no_space(e):
+                raise
+            raise UserError(disk.no_space_message(cfg.out)) from None
+
+
+def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     t_start = time.time()
     out = Path(cfg.out)
-    check_out_dir(out)  # before anything is written or compiled
     manifest_object(Path(cfg.data) / "manifest.json")  # JSON but not an object: one line
     cache = open_training_cache(cfg.data)
     manifest = cache.manifest
@@ -202,7 +219,10 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     init, abstract, state_sh, frozen_sh = prog.init, prog.state, prog.state_sh, prog.frozen_sh
     step_fn, batch_sh, batch_abs = prog.step_fn, prog.batch_sh, prog.batch
     compiled = aot.compile_or_refuse(prog, cfg)  # a TPU compile refuses an HBM overflow
-    estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs)
+    evaluator = (Evaluator(cfg, dcfg, mesh, eval_cache, heldout, state_sh["params"], frozen_sh)
+                 if len(heldout) else None)  # compiled now: its forward is in the estimate
+    estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs, evaluator,
+                                prog.frozen)
     memory.check_fits(estimate, cfg)
     if jax.process_index() == 0:
         print(f"memory estimate: {memory.describe(estimate)}", file=sys.stderr)
@@ -218,8 +238,6 @@ def train(cfg: TrainConfig, devices=None) -> dict:
               for k, v in (("embed", embed), ("lm_head", head))}
     del embed, head  # the host copies are not needed again
 
-    evaluator = (Evaluator(cfg, dcfg, mesh, eval_cache, heldout, state_sh["params"], frozen_sh)
-                 if len(heldout) else None)
     data_it = iter(make_dataset(train_cache, global_batch=cfg.batch_size,
                                 anchors_per_seq=cfg.anchors_per_seq, seed=cfg.seed,
                                 read_threads=cfg.read_threads, prefetch=cfg.prefetch))
@@ -270,7 +288,14 @@ def train(cfg: TrainConfig, devices=None) -> dict:
                 ckpt.save(done, state, data_it.get_state())
                 _write_msgpack(out, dcfg, _host_params(state["params"]))
                 last_saved = done
-    except NonFiniteError:
+            if done < cfg.steps and stop.should_stop(sync=done % cfg.log_every == 0):
+                if last_saved != done:
+                    watch.check(last_saved)
+                    ckpt.save(done, state, data_it.get_state())
+                    _write_msgpack(out, dcfg, _host_params(state["params"]))
+                raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}, saved "
+                                f"in {out}; rerun the same command to resume")
+    except (NonFiniteError, Preempted):
         ckpt.close()  # the good checkpoints still being written are committed
         writer.close()
         if bar is not None:

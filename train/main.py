@@ -30,6 +30,7 @@ import sys
 from pipeline import distributed
 from pipeline.errors import UserError
 from train.config import TrainConfig
+from pipeline.preempt import PREEMPTED_EXIT, Preempted
 
 _HELP = {
     "data": "feature cache directory (manifest.json + shards) from pipeline.teacher_dump",
@@ -87,9 +88,14 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM: saved; exit 75 says "rerun to resume" (train/preempt.py)
+        print(f"preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     print(json.dumps(summary), flush=True)
     return 0
 
 
 if __name__ == "__main__":
+    from pipeline.stderr_filter import install  # XLA:CPU / Grain noise
+    install()
     sys.exit(main())

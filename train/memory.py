@@ -14,13 +14,13 @@ CPU "devices" are host memory, so there every device's share is added to the hos
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.hostmem import host_available_bytes  # noqa: F401  (re-exported: tests, tools)
 
 GB = 1e9
 
@@ -35,6 +35,13 @@ class MemoryEstimate:
     host_bytes: int  # everything that lands in host RAM
     host_available_bytes: int
     process_rss_bytes: int  # this process's resident set at the estimate (runtime, compile)
+    # per device: the held-out evaluation forward (its program and batch) plus the optimizer
+    # state that stays resident beside it; the peak is the larger of it and the step
+    eval_device_bytes: int = 0
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return max(self.step_device_bytes, self.eval_device_bytes)
 
     @property
     def predicted_peak_rss_bytes(self) -> int:
@@ -42,7 +49,7 @@ class MemoryEstimate:
         return self.process_rss_bytes + self.host_bytes
 
     def fits(self) -> bool:
-        if self.device_limit_bytes is not None and self.step_device_bytes > self.device_limit_bytes:
+        if self.device_limit_bytes is not None and self.peak_device_bytes > self.device_limit_bytes:
             return False
         return self.host_bytes <= self.host_available_bytes
 
@@ -90,30 +97,6 @@ def process_rss_bytes() -> int:
     return 0
 
 
-def host_available_bytes(limit_gb: float | None = None) -> int:
-    """Host RAM this run may still take: --memory-limit-gb when given; else MemAvailable, capped
-    by the cgroup's limit (a container is killed at its own limit, not the machine's)."""
-    if limit_gb is not None:
-        return int(limit_gb * GB)
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        cg = Path("/sys/fs/cgroup")
-        limit = (cg / "memory.max").read_text().strip()
-        if limit != "max":
-            avail = min(avail, int(limit) - int((cg / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return int(avail)
-
-
 def device_free_bytes(devices) -> int | None:
     """Smallest free memory over `devices` (bytes_limit - bytes_in_use); for a TPU that reports
     no stats (a topology's devices, compiled for ahead of time) its chip's HBM
@@ -144,15 +127,26 @@ def step_device_bytes(compiled, batch_device_bytes: int) -> int:
 
 def estimate_memory(compiled, *, batch_device_bytes: int, local_devices: list,
                     loader_bytes: int, state_bytes: int, params_bytes: int,
-                    limit_gb: float | None = None) -> MemoryEstimate:
+                    limit_gb: float | None = None, eval_device_bytes: int = 0) -> MemoryEstimate:
     step = step_device_bytes(compiled, batch_device_bytes)
     limit = device_free_bytes(local_devices)
     save = state_bytes + 2 * params_bytes
-    host = loader_bytes + save + (step * len(local_devices) if limit is None else 0)
+    peak = max(step, eval_device_bytes)  # the evaluation runs between steps, not beside one
+    host = loader_bytes + save + (peak * len(local_devices) if limit is None else 0)
     return MemoryEstimate(step_device_bytes=step, local_devices=len(local_devices),
                           device_limit_bytes=limit, loader_bytes=loader_bytes, save_bytes=save,
                           host_bytes=host, host_available_bytes=host_available_bytes(limit_gb),
-                          process_rss_bytes=process_rss_bytes())
+                          process_rss_bytes=process_rss_bytes(),
+                          eval_device_bytes=eval_device_bytes)
+
+
+def eval_device_bytes(compiled_eval, abstract_state) -> int:
+    """Per device while the held-out forward runs: its compiled program (params, frozen and its
+    batch are its arguments) plus the optimizer state resident beside it (not an argument)."""
+    resident = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+                   for k, v in abstract_state.items() if k != "params"
+                   for x in jax.tree.leaves(v))
+    return compiled_device_bytes(compiled_eval) + resident
 
 
 def _b(n: int) -> str:
@@ -163,6 +157,8 @@ def describe(e: MemoryEstimate) -> str:
     where = (f"{_b(e.step_device_bytes)} per device (of {_b(e.device_limit_bytes)} free)"
              if e.device_limit_bytes is not None else
              f"{e.local_devices} CPU device(s) x {_b(e.step_device_bytes)}")
+    if e.eval_device_bytes:
+        where += f", held-out evaluation {_b(e.eval_device_bytes)} per device"
     return (f"step {where}, loader {_b(e.loader_bytes)}, checkpoint copies {_b(e.save_bytes)}: "
             f"host needs {_b(e.host_bytes)} of {_b(e.host_available_bytes)} available")
 
@@ -175,8 +171,11 @@ def check_fits(e: MemoryEstimate, cfg) -> None:
         ok = bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
     if ok:
         return
-    if e.device_limit_bytes is not None and e.step_device_bytes > e.device_limit_bytes:
-        what = f"needs {_b(e.step_device_bytes)} per device, {_b(e.device_limit_bytes)} free"
+    evals = (f" (the held-out evaluation forward, {_b(e.eval_device_bytes)} per device, is the "
+             "peak; --eval-fraction 0 turns it off)"
+             if e.eval_device_bytes > e.step_device_bytes else "")
+    if e.device_limit_bytes is not None and e.peak_device_bytes > e.device_limit_bytes:
+        what = f"needs {_b(e.peak_device_bytes)} per device, {_b(e.device_limit_bytes)} free"
     elif e.fits():
         what = "does not fit on another process"
     else:
@@ -185,4 +184,5 @@ def check_fits(e: MemoryEstimate, cfg) -> None:
     remat = "" if cfg.remat else " or --remat"
     raise UserError(f"the training step will not fit in memory: it {what}; shrink it with "
                     f"--batch-size (now {cfg.batch_size}), --anchors-per-seq (now "
-                    f"{cfg.anchors_per_seq}){remat}, or raise --memory-limit-gb if more is free")
+                    f"{cfg.anchors_per_seq}){remat}, or raise --memory-limit-gb if more is free"
+                    f"{evals}")

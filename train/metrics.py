@@ -6,6 +6,7 @@ eval/...).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -54,9 +55,27 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fresh_tb(tb_dir: Path) -> Path:
+    """The TensorBoard directory with the event files of earlier runs removed. A resume replays
+    the steps after its checkpoint, so appending would log those steps twice (TensorBoard shows
+    both); metrics.jsonl (truncated to the checkpoint by `truncate_metrics`) is the record, and
+    the events are rewritten from it."""
+    if tb_dir.is_dir():
+        for f in tb_dir.glob("events.out.tfevents.*"):
+            f.unlink()
+    return tb_dir
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to <run>/metrics.jsonl and mirrors scalars to
-    TensorBoard (<run>/tb) when tensorboardX is importable."""
+    TensorBoard (<run>/tb) when tensorboardX is importable; on a resume the TensorBoard events
+    are rewritten from metrics.jsonl, so replayed steps appear once."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
@@ -73,17 +92,22 @@ class MetricsWriter:
             print("note: tensorboardX not installed; metrics go to metrics.jsonl only",
                   file=sys.stderr)
         else:
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            self._tb = SummaryWriter(str(_fresh_tb(run_dir / "tb")))
+            for row in _rows(run_dir / "metrics.jsonl"):  # what the steps kept logged before
+                self._write_tb(int(row.pop("step")), row)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
-        if self._tb is not None:  # held-out figures (eval_*) under eval/, beside train/
-            for k, v in metrics.items():
-                if v is not None:
-                    tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
-                    self._tb.add_scalar(tag, v, int(step))
+        if self._tb is not None:
+            self._write_tb(step, metrics)
+
+    def _write_tb(self, step: int, metrics: dict) -> None:
+        for k, v in metrics.items():  # held-out figures (eval_*) under eval/, beside train/
+            if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+                self._tb.add_scalar(tag, v, int(step))
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,22 @@ class PartInfo:
     @classmethod
     def from_list(cls, row: list) -> "PartInfo":
         shard, part, file, records, nbytes, crc = row
-        return cls(int(shard), int(part), str(file), int(records), int(nbytes), int(crc))
+        return cls(int(shard), int(part), check_part_name(file), int(records), int(nbytes),
+                   int(crc))
+
+
+# What `part_filename` writes. A part name is read from a manifest or ledger and joined to the
+# cache directory (or kvstore root): anything else (`../../elsewhere`, an absolute path, a
+# subdirectory) would make the reader open files outside the cache, so it is refused.
+_PART_NAME = re.compile(r"shard-\d{5,}-of-\d{5,}\.part-\d{5,}\.(arrayrecord|ts)")
+
+
+def check_part_name(name) -> str:
+    """`name` if it is a part name as the dump writes it, else ValueError (-> one line)."""
+    if not isinstance(name, str) or not _PART_NAME.fullmatch(name):
+        raise ValueError(f"part name {name!r} is not a part of this cache (expected "
+                         "shard-SSSSS-of-NNNNN.part-PPPPP.arrayrecord or .ts, inside the cache)")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)

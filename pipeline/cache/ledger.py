@@ -93,7 +93,8 @@ class Ledger:
         try:
             return cls.from_json(read_json(path))
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is unreadable ({e}); rerun with --overwrite to start over") from e
+            raise UserError(f"{path} is unreadable ({e}); re-dump the cache (pipeline.teacher_dump "
+                            "--overwrite) to start over") from e
 
 
 def committed_parts(directory, manifest, allow_incomplete: bool = False) -> tuple:
@@ -104,5 +105,5 @@ def committed_parts(directory, manifest, allow_incomplete: bool = False) -> tupl
     if allow_incomplete:
         ledger = Ledger.load(directory)
         return ledger.parts if ledger is not None else ()
-    raise CacheError(f"the cache at {directory} is incomplete: rerun the dump command to "
-                     "finish it (or pass allow_incomplete=True)")
+    raise CacheError(f"the cache at {directory} is incomplete: rerun the pipeline.teacher_dump "
+                     "command that wrote it to finish it")

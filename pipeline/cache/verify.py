@@ -72,6 +72,8 @@ def verify_cache(directory, *, progress: bool = False, parts_of=None) -> list[Ba
             store.verify(part)
         except CacheError as e:
             bad.append(BadPart(store.where(part.file), str(e)))
+        except OSError as e:  # unreadable (permissions, I/O error): a bad part, not a traceback
+            bad.append(BadPart(store.where(part.file), f"{store.where(part.file)}: {e}"))
         if bar is not None:
             bar.update(part.bytes)
     if bar is not None:
@@ -123,4 +125,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.stderr_filter import install  # XLA:CPU / Grain noise
+    install()
     sys.exit(main())

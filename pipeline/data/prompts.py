@@ -62,9 +62,13 @@ def _token_ids(value, where: str) -> list[int]:
 
 
 def load_prompts(source: str, tokenizer, *, limit: int | None = None,
-                 vocab_size: int | None = None) -> list[list[int]]:
+                 vocab_size: int | None = None, positions: int | None = None,
+                 max_new_tokens: int = 0) -> list[list[int]]:
     """Token-id prompts from `builtin` or a jsonl file (see module doc). With vocab_size, every
-    id must be < vocab_size (an embedding lookup in JAX clamps out-of-range ids silently)."""
+    id must be < vocab_size (an embedding lookup in JAX clamps out-of-range ids silently); with
+    positions, each prompt plus `max_new_tokens` must fit them (pipeline/data/limits.py)."""
+    from pipeline.data.limits import check_prompt
+
     if source == "builtin":
         out = [_encode(tokenizer, t) for t in builtin_texts()]
         where = ["builtin"] * len(out)
@@ -109,4 +113,7 @@ def load_prompts(source: str, tokenizer, *, limit: int | None = None,
         if bad:
             raise UserError(f"{at}: token ids {bad[:5]} outside the teacher's vocabulary "
                             f"(0..{'?' if vocab_size is None else vocab_size - 1})")
-    return out[:limit] if limit else out
+    out, where = (out[:limit], where[:limit]) if limit else (out, where)
+    for ids, at in zip(out, where):
+        check_prompt(at, len(ids), max_new_tokens, positions)
+    return out

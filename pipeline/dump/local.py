@@ -17,6 +17,7 @@ from pipeline.cache.verify import check_complete
 from pipeline.dump.sources import load_teacher
 from pipeline.dump.writer import WriterThread
 from pipeline.errors import UserError
+from pipeline.preempt import Preempted, StopOnSignal
 
 
 def _batches(seqs: Iterable, batch_size: int, seq_len: int, start: int) -> Iterator:
@@ -60,21 +61,31 @@ def dump_into(config: DumpConfig, directory, manifest: CacheManifest, seqs, limi
                               total=limit)
         writer.start()
         try:
-            _device_loop(config, teacher, itertools.islice(seqs, start, limit),
-                         list(manifest.layer_ids), writer, start)
+            with StopOnSignal() as stop:
+                _device_loop(config, teacher, itertools.islice(seqs, start, limit),
+                             list(manifest.layer_ids), writer, start, stop)
             writer.close()
+            if stop.requested is not None:  # SIGTERM: the queued batches are written, then stop
+                prepared.writer.abort()  # drops the uncommitted interval; the ledger is intact
+                raise Preempted(
+                    f"stopped by SIGTERM; {prepared.writer.ledger.committed} sequences committed "
+                    f"in {out}; rerun the same command to resume")
             final = prepared.writer.finish()
         except BaseException as e:
             # A failure of the device loop (not of the writer) keeps the commits of what it had
             # already queued; then the uncommitted parts are dropped either way.
-            writer.abort(drain=not isinstance(e, KeyboardInterrupt) and writer.error is None)
+            if not isinstance(e, Preempted):
+                writer.abort(drain=not isinstance(e, KeyboardInterrupt) and writer.error is None)
             raise
     return _summary(writer.sequences, config.seq_len, prepared.writer.bytes_written, t0, t1, out,
                     final.num_records)
 
 
-def _device_loop(config: DumpConfig, teacher, seqs, layer_ids, writer, start: int) -> None:
+def _device_loop(config: DumpConfig, teacher, seqs, layer_ids, writer, start: int,
+                 stop=None) -> None:
     for index, ids, mask, valid in _batches(seqs, config.batch_size, config.seq_len, start):
+        if stop is not None and stop.requested is not None:
+            return
         attention = np.ones_like(ids)  # packed sequences: every position is a real token
         feats = teacher.features(ids, attention, layer_ids)  # dispatched, not awaited
         if feats.dtype != BF16:  # cast on the device: half the bytes to transfer

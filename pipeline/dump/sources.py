@@ -100,20 +100,21 @@ def _mask_token_id(cfg: dict, model_path: Path | None):
 
 def check_seq_len(config, cfg: dict) -> None:
     """--seq-len must fit the teacher's positions (checked before anything is written)."""
-    limit = cfg.get("max_position_embeddings")
-    if isinstance(limit, int) and not isinstance(limit, bool) and config.seq_len > limit:
-        raise UserError(f"--seq-len {config.seq_len} exceeds the teacher's "
-                        f"max_position_embeddings {limit}; pass --seq-len {limit} or less")
+    from pipeline.data.limits import check_window, teacher_positions
+
+    check_window(config.seq_len, teacher_positions(cfg))
 
 
 def _snapshot_info(config, path: Path) -> TeacherInfo:
     """Everything the dump needs from the snapshot, validated before any file is written:
     config.json (JSON, GPT-OSS, its sizes), safetensors weights present, --seq-len in range."""
     from pipeline.teacher.snapshot import check_weights, read_config
+    from pipeline.teacher.snapshot_check import check_headers, read_headers
     cfg_path = path / "config.json"
     cfg = read_config(path)
     check_weights(path)
     check_seq_len(config, cfg)
+    check_headers(path, cfg, read_headers(path))  # config.json describes the weights
     identity = {"path": str(path), "config_sha256": sha256_file(cfg_path),
                 "weights_sha256": _weights_sha256(path), "model_type": cfg.get("model_type")}
     tokenizer = str(path) if any((path / f).is_file() for f in (

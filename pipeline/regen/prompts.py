@@ -104,6 +104,20 @@ def iter_prompts(tokenizer, records, prompt_tokens: int, start: int = 0) -> Iter
         yield build_prompt(tokenizer, i, records[i], prompt_tokens)
 
 
+def check_prompt_lengths(tokenizer, records, prompt_tokens: int, max_new_tokens: int,
+                         positions: int | None) -> None:
+    """Every prompt (chat, text, completion) plus --max-new-tokens fits the teacher's positions
+    (pipeline/data/limits.py, the rule the dump and spec_decode apply): checked for all records
+    before anything is generated or written, at the cost of rendering each prompt twice."""
+    from pipeline.data.limits import check_prompt
+
+    if positions is None:
+        return
+    for i, rec in enumerate(records):
+        prompt = build_prompt(tokenizer, i, rec, prompt_tokens)
+        check_prompt(prompt.where, len(prompt.ids), max_new_tokens, positions)
+
+
 def output_record(tokenizer, prompt: Prompt, generated: list[int], stop_ids) -> dict:
     """The record the dump reads for one prompt and its generated tokens."""
     stopped = bool(generated) and generated[-1] in stop_ids

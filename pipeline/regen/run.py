@@ -11,21 +11,25 @@ settings (teacher, data, sampling, batching) is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import types
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.preempt import Preempted, StopOnSignal
 from pipeline.speculative.generate import SamplingConfig
 from pipeline.cache.ledger import atomic_write_json, fsync_dir
 
 LEDGER = "regenerate-ledger.json"
+_PART = re.compile(r"part-\d{5,}\.jsonl")  # what _commit_part names a part
 LEDGER_VERSION = 1
 
 
@@ -77,8 +81,8 @@ def stop_ids(model_dir: Path, hf_cfg: dict, tokenizer, plain_text: bool) -> tupl
 def _settings(config: RegenerateConfig, model_dir: Path, stops) -> dict:
     from pipeline.dump.sources import teacher_info
 
-    probe = types.SimpleNamespace(model=str(model_dir), data=config.data,
-                                  seq_len=config.prompt_tokens + config.sampling.max_new_tokens)
+    # seq_len 1: prompt lengths are checked per prompt (check_prompt_lengths), not as a window
+    probe = types.SimpleNamespace(model=str(model_dir), data=config.data, seq_len=1)
     info = teacher_info(probe)
     return {"teacher": info.identity, "data": info.data_identity,
             "sampling": dataclasses.asdict(config.sampling), "batch_size": config.batch_size,
@@ -109,6 +113,8 @@ def _prepare(out: Path, settings: dict, overwrite: bool) -> dict:
     try:
         ledger = json.loads(path.read_text())
         key, parts = ledger["settings_key"], ledger["parts"]
+        if not isinstance(parts, list):
+            raise TypeError(f"parts is a {type(parts).__name__}")
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is unreadable ({e}); rerun with --overwrite to start over") from None
     if key != _key(settings):
@@ -116,6 +122,11 @@ def _prepare(out: Path, settings: dict, overwrite: bool) -> dict:
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         raise UserError(f"{out} was regenerated with other settings ({', '.join(diff)} differ); "
                         "rerun with the same flags to resume, or --overwrite to start over")
+    for p in parts:  # names are joined to --out and the rest of --out is deleted: no ../x
+        if not isinstance(p, dict) or not _PART.fullmatch(str(p.get("name"))):
+            raise UserError(f"{path}: part {p!r} is not a part this command writes "
+                            "(part-NNNNN.jsonl inside --out); the ledger is corrupted, rerun with "
+                            "--overwrite to start over")
     named = {p["name"] for p in parts} | {LEDGER}
     for f in out.iterdir():  # a part being written when the run died, or its ledger's tmp file
         if f.name not in named:
@@ -134,6 +145,17 @@ def _ours(name: str) -> bool:
 
 
 def _commit_part(out: Path, ledger: dict, lines: list[str], done: int) -> dict:
+    try:
+        return _write_part(out, ledger, lines, done)
+    except OSError as e:  # a full disk, a read-only or vanished --out: one line, resumable
+        with contextlib.suppress(OSError):
+            (out / f"part-{len(ledger['parts']):05d}.jsonl.tmp").unlink(missing_ok=True)
+        raise UserError(f"writing the next part in --out {out} failed ({e.strerror or e}); "
+                        f"{ledger['prompts_done']} prompts are committed: fix it and rerun the "
+                        "same command to resume") from None
+
+
+def _write_part(out: Path, ledger: dict, lines: list[str], done: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     name = f"part-{len(ledger['parts']):05d}.jsonl"
     body = "".join(lines).encode()
@@ -157,6 +179,7 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
     from pipeline.regen import prompts as rp
     from pipeline.speculative.generate import BatchGenerator
     from pipeline.teacher.snapshot import read_config, resolve_model
+    from pipeline.data.limits import teacher_positions
     from pipeline.data.prompts import load_tokenizer
 
     config.validate()
@@ -167,6 +190,8 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
     records = rp.prompt_records(config.data, config.max_prompts)
     plain = any(kind not in ("chat", "chat_ids") for _, kind, _ in records)
     stops = stop_ids(model_dir, hf_cfg, tokenizer, plain)
+    rp.check_prompt_lengths(tokenizer, records, config.prompt_tokens,
+                            config.sampling.max_new_tokens, teacher_positions(hf_cfg))
     settings = _settings(config, model_dir, stops)
     out = Path(config.out)
     ledger = _prepare(out, settings, config.overwrite)
@@ -183,6 +208,7 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
     bar = _progress(config.progress, len(records), start)
     new_tokens, parts = 0, 0
     pending = [first] if first is not None else []
+    stop = StopOnSignal().__enter__()  # SIGTERM: stop after the part being written
     try:
         while pending:
             pending += [p for _, p in zip(range(config.interval - len(pending)), prompts)]
@@ -196,7 +222,11 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
             pending = [p for _, p in zip(range(1), prompts)]
             if stop_after_parts is not None and parts >= stop_after_parts and pending:
                 return _summary(out, ledger, new_tokens, parts, t0)
+            if stop.requested is not None and pending:
+                raise Preempted(f"stopped by SIGTERM; {ledger['prompts_done']} prompts committed "
+                                f"in {out}; rerun the same command to resume")
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
     ledger = dict(ledger, complete=True)
     atomic_write_json(out / LEDGER, ledger)

@@ -133,7 +133,9 @@ def run(cfg: SpecConfig, log=print) -> dict:
                             f"but {cfg.draft} reads {shape.target_layer_ids}")
     has_tok = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = load_tokenizer(model_dir) if has_tok else None  # id-only jsonl prompts need none
-    prompts = load_prompts(cfg.prompts, tok, limit=cfg.limit, vocab_size=teacher.vocab_size)
+    from pipeline.data.limits import teacher_positions
+    prompts = load_prompts(cfg.prompts, tok, limit=cfg.limit, vocab_size=teacher.vocab_size,
+                           positions=teacher_positions(teacher), max_new_tokens=cfg.max_new_tokens)
     target, embedding, lm_head = build_target(model_dir, shape.target_layer_ids, cfg.naive)
     proposers = {label: sp.DFlashProposer(build_draft(path, embedding, lm_head, cfg.naive), block,
                                           shape.mask_token_id) for label, path in drafts}

@@ -27,6 +27,7 @@ import numpy as np
 from model import rope
 from model.safetensors_io import read_safetensors
 from pipeline.errors import UserError
+from pipeline.teacher.snapshot_check import check_snapshot
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,11 @@ def load_target(path, feature_layers) -> tuple[TargetShape, dict, object]:
     bad = [i for i in feature_layers if not 0 <= int(i) < cfg.num_hidden_layers]
     if bad:
         raise UserError(f"feature layers {bad} outside the teacher's {cfg.num_hidden_layers} layers")
+    check_snapshot(path, cfg.to_dict(), jnp.float32, jax.devices())  # before any allocation
     w = {k: jnp.asarray(v, jnp.float32) for k, v in read_safetensors(path).items()}
     if any(k.endswith("_blocks") for k in w):
         raise UserError(f"{path}: MXFP4-quantized experts are not supported by the cached target; "
-                        "use --naive or a dequantized snapshot")
+                        "use a dequantized snapshot (or tools.spec_decode --naive)")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     shape = TargetShape(
         num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,

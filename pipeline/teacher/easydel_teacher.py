@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pipeline.teacher import fixes as easydel_fixes
-from pipeline.teacher import jax_setup
+from pipeline.teacher import jax_setup, snapshot_check
 from pipeline.errors import UserError
 from pipeline.teacher.snapshot import DEFAULT_MODEL, check_weights, read_config, resolve_model
 
@@ -108,6 +108,7 @@ class Teacher:
         _import_easydel()
         jax_setup.enable_compilation_cache(compilation_cache)
         devices = jax_setup.start_backend()
+        snapshot_check.check_snapshot(path, hf_config, dtype, devices)  # before any allocation
         if sharding_axis_dims is None:
             sharding_axis_dims = jax_setup.default_axis_dims(
                 len(devices), devices[0].platform, int(hf_config.get("num_local_experts", 1)))

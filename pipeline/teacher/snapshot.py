@@ -109,6 +109,9 @@ def check_weights(path: Path) -> None:
             files = set(json.loads(index.read_bytes())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{index} is not a valid safetensors index ({e})") from None
+        from model.paths import inside
+        for f in files:  # a name like ../../x would read weights from outside the snapshot
+            inside(path, f, index.name)
         missing = sorted(f for f in files if not (path / f).is_file())
         if missing:
             raise UserError(f"{path}: weight file(s) named by {index.name} are missing: "
