@@ -142,6 +142,20 @@ def teacher_info(config, teacher=None) -> TeacherInfo:
         cfg.get("vocab_size"))
 
 
+def teacher_attention(config, teacher=None) -> str:
+    """The attention the dump's teacher runs, recorded in the manifest (part of the cache's
+    settings): an injected teacher's own, else --attention, "auto" resolved for the backend of
+    this machine (pipeline.teacher.attention.resolve_attention; starts the backend)."""
+    if teacher is not None:
+        return str(getattr(teacher, "attention", config.attention))
+    if config.attention != "auto":
+        return config.attention
+    from pipeline.teacher.attention import resolve_attention
+    from pipeline.teacher.jax_setup import process_local_devices, start_backend
+    with process_local_devices():
+        return resolve_attention("auto", start_backend()[0].platform)
+
+
 def load_teacher(config, info: TeacherInfo):
     """The EasyDeL teacher (imported here: the cache modules must not pull in easydel)."""
     import jax.numpy as jnp
@@ -151,7 +165,8 @@ def load_teacher(config, info: TeacherInfo):
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config.dtype]
     with process_local_devices():  # multi-process dump: each process's teacher is its own
         return Teacher.from_pretrained(str(info.model_path), dtype=dtype,
-                                       sharding_axis_dims=config.sharding_axis_dims)
+                                       sharding_axis_dims=config.sharding_axis_dims,
+                                       attention=config.attention)
 
 
 def default_sequences(config, info: TeacherInfo):
