@@ -24,8 +24,8 @@ import numpy as np
 
 from pipeline.cache.format import BF16, DEFAULT_FORMAT, FORMATS, CacheManifest
 from pipeline.cache.prepare import existing_format
-from pipeline.dump.sources import (TeacherInfo, default_sequences, load_teacher, teacher_attention,
-                                   teacher_info)
+from pipeline.dump.sources import (TeacherInfo, check_attention_length, default_sequences,
+                                   load_teacher, teacher_attention, teacher_info)
 from pipeline.distributed import process_group
 from pipeline.dump.hosts import run_host_dump
 from pipeline.dump.local import _batches, dump_into  # noqa: F401  (_batches: tools.bench_dump)
@@ -159,6 +159,7 @@ def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = N
     group = process_group(config)
     # After process_group: resolving "auto" may start the backend (jax.distributed first).
     attention = teacher_attention(config, teacher)
+    check_attention_length(config, attention, info)
     config = dataclasses.replace(config, attention=attention)
     manifest = dataclasses.replace(manifest, settings={**manifest.settings, "attention": attention})
     if group.count > 1:

@@ -27,6 +27,7 @@ class TeacherInfo:
     tokenizer: str | None = None
     mask_token_id: int | None = None
     vocab_size: int | None = None
+    max_positions: int | None = None  # the teacher's max_position_embeddings
 
 
 def _weights_sha256(path: Path) -> str:
@@ -121,7 +122,7 @@ def _snapshot_info(config, path: Path) -> TeacherInfo:
     return TeacherInfo(
         int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), identity,
         data_identity(config.data), path, tokenizer, _mask_token_id(cfg, path),
-        cfg.get("vocab_size"))
+        cfg.get("vocab_size"), cfg.get("max_position_embeddings"))
 
 
 def teacher_info(config, teacher=None) -> TeacherInfo:
@@ -139,7 +140,7 @@ def teacher_info(config, teacher=None) -> TeacherInfo:
     return TeacherInfo(
         int(teacher.num_layers), int(teacher.hidden_size), identity, data_identity(config.data),
         None, getattr(teacher, "tokenizer_path", None), _mask_token_id(cfg, None),
-        cfg.get("vocab_size"))
+        cfg.get("vocab_size"), cfg.get("max_position_embeddings"))
 
 
 def teacher_attention(config, teacher=None) -> str:
@@ -154,6 +155,15 @@ def teacher_attention(config, teacher=None) -> str:
     from pipeline.teacher.jax_setup import process_local_devices, start_backend
     with process_local_devices():
         return resolve_attention("auto", start_backend()[0].platform)
+
+
+def check_attention_length(config, attention: str, info: TeacherInfo) -> None:
+    """--seq-len as `attention` runs it (blocksparse pads it to its block) must fit the
+    teacher's positions: one UserError line before any file is written."""
+    from pipeline.teacher.attention import run_length
+    limit = info.max_positions
+    run_length(config.seq_len, attention,
+               max_positions=limit if isinstance(limit, int) and not isinstance(limit, bool) else None)
 
 
 def load_teacher(config, info: TeacherInfo):
