@@ -91,8 +91,11 @@ def partition_rules(easydel_config, dtype=None) -> tuple:
 
 
 def module_rules(model) -> tuple:
-    """`partition_rules` of an already built (or lazily built) EasyDeL model."""
-    return tuple(model.resolve_shardings_automatically(module_view=True))
+    """`partition_rules` of an already built (or lazily built) EasyDeL model, normalised as
+    EasyDeL normalises rules (a pattern also matches the `/value` leaf under a parameter path;
+    without it an abstract nnx state tree matches only the catch-all: every weight replicated)."""
+    return tuple(model._get_partition_rules(tuple(model.resolve_shardings_automatically(
+        module_view=True))))
 
 
 # --- CPU: the same rules through EasyDeL's dense MoE path -----------------------------------
