@@ -53,7 +53,12 @@ def parse_args(argv=None) -> DumpConfig:
     add("--num-layers", type=int, default=_D.num_layers,
         help="K, the number of teacher layers when --layer-ids is not given" + dflt)
     add("--sharding-axis-dims", default=None, help="EasyDeL mesh sizes dp,fsdp,ep,tp,sp, "
-        "e.g. 1,1,1,8,1 (default: sized to the devices)")
+        "e.g. 1,1,1,8,1 (default: fsdp over every chip with the experts sharded over it, so "
+        "--batch-size must be a multiple of the chip count; tp over every device on CPU)")
+    add("--attention", default=_D.attention, choices=("auto", "blocksparse", "vanilla"),
+        help="teacher attention: blocksparse (splash, with sinks and sliding window; T padded to "
+        "a multiple of 512) or vanilla (materialises the [T, T] scores); auto = blocksparse on "
+        "TPU, vanilla on CPU; recorded in the manifest" + dflt)
     add("--max-seqs", type=int, default=None, help="stop after this many sequences")
     add("--overwrite", action="store_true", help="delete an existing cache in --out first")
     add("--dtype", default=_D.dtype, choices=("bfloat16", "float32"),
@@ -80,7 +85,8 @@ def parse_args(argv=None) -> DumpConfig:
     return DumpConfig(
         model=a.model, data=a.data, out=a.out, shards=a.shards, seq_len=a.seq_len,
         batch_size=a.batch_size, layer_ids=a.layer_ids, num_layers=a.num_layers,
-        sharding_axis_dims=_axis_dims(a.sharding_axis_dims), max_seqs=a.max_seqs,
+        sharding_axis_dims=_axis_dims(a.sharding_axis_dims), attention=a.attention,
+        max_seqs=a.max_seqs,
         overwrite=a.overwrite, dtype=a.dtype, commit_every=a.commit_every, block_size=a.block_size,
         queue_batches=a.queue_batches, progress=not a.no_progress, format=a.format,
         kvstore=a.kvstore, coordinator_address=a.coordinator_address,

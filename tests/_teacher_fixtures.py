@@ -23,14 +23,16 @@ VALID_ROW1 = 18  # row 1 is right-padded after 18 tokens
 
 
 @functools.cache
-def tiny_model_dir() -> Path:
-    """A saved HF GPT-OSS snapshot (config.json + model.safetensors), float32."""
+def tiny_model_dir(num_local_experts: int = 4) -> Path:
+    """A saved HF GPT-OSS snapshot (config.json + model.safetensors), float32. 8 experts:
+    the same model with experts that divide over the 8 simulated devices (tests of the
+    expert-sharded mesh)."""
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
     config = GptOssConfig(
         num_hidden_layers=len(LAYER_TYPES), layer_types=LAYER_TYPES, sliding_window=8,
-        num_local_experts=4, num_experts_per_tok=2, vocab_size=128, hidden_size=HIDDEN,
+        num_local_experts=num_local_experts, num_experts_per_tok=2, vocab_size=128, hidden_size=HIDDEN,
         intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=4096, initializer_range=0.1,
         rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -61,11 +63,15 @@ def inputs() -> tuple[np.ndarray, np.ndarray]:
 @functools.cache
 def hf_reference(dtype: str = "float32") -> dict:
     """HF torch outputs on inputs(): hidden_states (L+1 arrays [2, T, H]) and logits [2, T, V]."""
+    return hf_outputs(tiny_model_dir(), *inputs(), dtype)
+
+
+def hf_outputs(model_dir, ids, mask, dtype: str = "float32") -> dict:
+    """HF torch outputs of the snapshot in model_dir on (ids, mask) [b, T]."""
     import torch
     from transformers import GptOssForCausalLM
 
-    model = GptOssForCausalLM.from_pretrained(tiny_model_dir(), dtype=getattr(torch, dtype)).eval()
-    ids, mask = inputs()
+    model = GptOssForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids, dtype=torch.long),
                     attention_mask=torch.tensor(mask), output_hidden_states=True)

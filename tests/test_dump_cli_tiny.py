@@ -47,6 +47,7 @@ def test_tiny_cli_kill_resume_matches_uninterrupted_run(tmp_path, tiny):
     assert m.layer_ids == tuple(build_target_layer_ids(hf["num_hidden_layers"], 5))
     assert m.hidden_size == hf["hidden_size"] and m.feature_dim == 5 * hf["hidden_size"]
     assert m.mask_token_id == hf["mask_token_id"] and m.teacher["path"] == str(tiny.resolve())
+    assert m.settings["attention"] == "vanilla"  # --attention auto on CPU
     # The records are the data loader's sequences, in order (independent re-tokenization).
     from transformers import AutoTokenizer
 

@@ -68,3 +68,36 @@ def test_a_second_dump_on_the_same_cache_is_refused(tmp_path, capsys):
         code, err = _run(capsys, BASE + ["--out", str(tmp_path)])
     assert code == 2 and len(err) == 1 and "another dump is writing to" in err[0]
     assert _run(capsys, BASE + ["--out", str(tmp_path)])[0] == 0
+
+
+def _teacher_with(attention, max_positions=None):
+    t = FakeTeacher(16, num_layers=6)
+    t.attention = attention
+    if max_positions is not None:
+        t.config["max_position_embeddings"] = max_positions
+    return t
+
+
+def test_attention_is_recorded_and_a_change_refused(tmp_path, capsys):
+    """The attention the teacher runs is part of the cache's settings (its features differ in
+    the last bits): resuming with another one is refused."""
+    from pipeline.cache import open_cache
+
+    args = BASE + ["--out", str(tmp_path)]
+    for attention, expect in [("blocksparse", 0), ("vanilla", 2)]:
+        code = teacher_dump.main(args, teacher=_teacher_with(attention),
+                                 sequences=fake_sequences(10, 32))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == expect, err
+    assert "other settings (attention: 'blocksparse' -> 'vanilla')" in err[0]
+    assert open_cache(tmp_path).manifest.settings["attention"] == "blocksparse"
+
+
+def test_blocksparse_padding_beyond_positions_is_one_line(tmp_path, capsys):
+    out = tmp_path / "cache"
+    argv = BASE[:2] + ["--seq-len", "520"] + BASE[4:] + ["--out", str(out)]
+    code = teacher_dump.main(argv, teacher=_teacher_with("blocksparse", 600),
+                             sequences=fake_sequences(4, 520))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--seq-len 520 runs as 1024 tokens" in err[0], err
+    assert not out.exists() or not any(out.iterdir())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.teacher import jax_setup
+from pipeline.teacher import jax_setup, sharding
 from pipeline.errors import UserError
 from pipeline.teacher.snapshot import hub_cache_dir, resolve_model
 
@@ -63,10 +63,10 @@ def test_axis_dims_parsing_and_defaults():
     for cpu_bad in ((1, -1, 1, 1, 1), (2, 4, 1, 1, 1), (1, 1, 2, 4, 1)):
         with pytest.raises(UserError, match="XLA:CPU"):
             jax_setup.check_axis_dims(cpu_bad, 8, "cpu")
-    assert jax_setup.default_axis_dims(1, "tpu", 32) == (1, 1, 1, 1, 1)
-    assert jax_setup.default_axis_dims(8, "cpu", 32) == (1, 1, 1, 8, 1)  # no EP on XLA:CPU
-    assert jax_setup.default_axis_dims(8, "tpu", 32) == (1, 8, 1, 1, 1)
-    assert jax_setup.default_axis_dims(8, "tpu", 4) == (1, 1, 1, 8, 1)
+    assert sharding.default_axis_dims(1, "tpu", 32) == (1, 1, 1, 1, 1)
+    assert sharding.default_axis_dims(8, "cpu", 32) == (1, 1, 1, 8, 1)  # no EP on XLA:CPU
+    assert sharding.default_axis_dims(8, "tpu", 32) == (1, 8, 1, 1, 1)
+    assert sharding.default_axis_dims(8, "tpu", 4) == (1, 1, 1, 8, 1)
 
 
 def test_compilation_cache_dir_choice(tmp_path, monkeypatch):

@@ -73,8 +73,7 @@ except UserError as e:
 out["hbm_free"] = memory.device_free_bytes(devs)
 
 out["teacher"] = rep.teacher_report(build_parser().parse_args(
-    "--program teacher --topology v5e:2x2 --teacher tiny --sharding-axis-dims 1,4,1,1,1 "
-    "--batch-size 4 --seq-len 256".split()))
+    "--program teacher --topology v5e:2x2 --teacher tiny --batch-size 4 --seq-len 256".split()))
 print("RESULT " + json.dumps(out))
 """.replace("TINY", repr(_TINY))
 
@@ -137,7 +136,11 @@ def test_trainer_preflight_refuses_it_in_one_line(compiled):
 def test_tiny_teacher_forward_compiles_for_v5e(compiled):
     row = compiled["teacher"]
     m = row["memory"]
+    # the dump's defaults: fsdp over the 4 chips (4 experts divide), blocksparse attention at
+    # T padded to its 512 block (EasyDeL would otherwise run vanilla)
     assert row["mesh"] == {"dp": 1, "fsdp": 4, "ep": 1, "tp": 1, "sp": 1}
+    assert row["attention"] == "blocksparse" and row["run_seq_len"] == 512
+    assert row["roofline_tokens_per_s"] > 0 and row["roofline_bound"] in ("compute", "memory")
     from dflash.model import build_target_layer_ids  # the reference's rule, as the dump uses it
 
     assert row["layer_ids"] == build_target_layer_ids(8, 5) == [1, 2, 3, 4, 5]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from tools._teacher_roofline import teacher_roofline
 
 GiB = 1 << 30
 
@@ -166,7 +167,11 @@ def draft_report(opts) -> dict:
 
 
 def teacher_report(opts) -> dict:
-    """Compile the dump's teacher forward (features of K layers) for opts.topology."""
+    """Compile the dump's teacher forward (features of K layers) for opts.topology, with the
+    dump's defaults: its mesh (pipeline.teacher.sharding) unless --sharding-axis-dims, and its
+    TPU attention (blocksparse, T padded as the teacher pads it) unless --teacher-attention."""
+    from pipeline.teacher import sharding
+    from pipeline.teacher.attention import run_length
     from pipeline.teacher.jax_setup import parse_axis_dims
     from model.config import build_target_layer_ids
     from tools._tpu_teacher import compile_forward
@@ -174,21 +179,30 @@ def teacher_report(opts) -> dict:
 
     devices = aot.topology_devices(opts.topology)
     hf = teacher_hf_config(opts.teacher)
-    dims = parse_axis_dims(opts.sharding_axis_dims)
+    if opts.sharding_axis_dims is None:
+        dims = sharding.default_axis_dims(len(devices), "tpu", int(hf.get("num_local_experts", 1)))
+    else:
+        dims = parse_axis_dims(opts.sharding_axis_dims)
+    attention = getattr(opts, "teacher_attention", "blocksparse")
+    length = run_length(opts.seq_len, attention, max_positions=hf.get("max_position_embeddings"))
     layers = build_target_layer_ids(int(hf["num_hidden_layers"]), opts.num_features)
     hbm = aot.device_hbm_bytes(devices[0], devices)
     try:
         compiled, seconds, mesh = compile_forward(hf, devices, dims, batch=opts.batch_size,
-                                                  seq_len=opts.seq_len, layer_ids=layers)
+                                                  seq_len=length, layer_ids=layers,
+                                                  attention=attention)
         mem, flops_xla = memory_row(compiled, 0, hbm), _xla_flops(compiled)
     except aot.DoesNotFit as e:  # weights or activations exceed HBM: the compiler's own split
         seconds, mesh, mem, flops_xla = e.seconds, e.mesh, oom_row(e, hbm), None
     chip = aot.chip_for(devices[0])
-    return {"program": "teacher_forward", "topology": opts.topology, "teacher": opts.teacher,
-            "sharding_axis_dims": ",".join(map(str, dims)), "mesh": dict(mesh.shape),
-            "batch_size": opts.batch_size, "seq_len": opts.seq_len, "layer_ids": list(layers),
-            "compile_s": round(seconds, 1),
-            "memory": mem, "xla_flops": flops_xla, **_peak(devices, chip)}
+    row = {"program": "teacher_forward", "topology": opts.topology, "teacher": opts.teacher,
+           "sharding_axis_dims": ",".join(map(str, dims)), "mesh": dict(mesh.shape),
+           "attention": attention, "batch_size": opts.batch_size, "seq_len": opts.seq_len,
+           "run_seq_len": length, "layer_ids": list(layers), "compile_s": round(seconds, 1),
+           "memory": mem, "xla_flops": flops_xla, **_peak(devices, chip)}
+    row.update(teacher_roofline(hf, opts.batch_size, opts.seq_len, length, layers, chip,
+                                len(devices), mem))
+    return row
 
 
 def _g(n) -> str:
@@ -212,7 +226,14 @@ def format_table(row: dict) -> str:
                  f"{_g(m['total'])} / {_g(m['hbm'])}: {fit}")
     if row.get("xla_flops") is not None:
         lines.append(f"XLA flops (per chip, loop bodies counted once): {row['xla_flops']:.3e}")
-    if row.get("model_flops") is not None:
+    if row.get("roofline_tokens_per_s") is not None:
+        mem_s = row["roofline_memory_s"]
+        lines.append(f"roofline ESTIMATE: {row['model_flops']:.3e} model FLOPs per forward; "
+                     f"compute {row['roofline_compute_s'] * 1e3:.0f} ms, HBM "
+                     f"{'-' if mem_s is None else f'{mem_s * 1e3:.1f} ms'} "
+                     f"({row['roofline_bound']}-bound): {row['roofline_tokens_per_s']:,.0f} "
+                     "tokens/s at 100% of peak")
+    elif row.get("model_flops") is not None:
         est = row.get("step_s_estimate_at_peak")
         lines.append(f"model FLOPs per step {row['model_flops']:.3e}" + (
             f"; step time ESTIMATE at 100% of peak {est * 1e3:.0f} ms, at 40% MFU "

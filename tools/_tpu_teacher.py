@@ -25,12 +25,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pipeline.teacher import fixes as easydel_fixes
-from pipeline.teacher import jax_setup
+from pipeline.teacher import jax_setup, sharding
 from pipeline.errors import UserError
 
 
 def build_abstract(hf_config: dict, mesh_devices, axis_dims, *, dtype=jnp.bfloat16,
-                   attn_mechanism: str = "vanilla"):
+                   attn_mechanism: str = "blocksparse"):
     """(graphdef, abstract sharded state, mesh) of EasyDeL's GptOssForCausalLM, no weights."""
     from pipeline.teacher.easydel_teacher import _import_easydel
     from easydel.infra.utils import ModuleCaches, sanitize_partition_spec_for_shape
@@ -51,8 +51,7 @@ def build_abstract(hf_config: dict, mesh_devices, axis_dims, *, dtype=jnp.bfloat
         sharding_axis_dims=dims, attn_mechanism=attn_mechanism, attn_dtype=dtype,
         attn_softmax_dtype=jnp.float32)
     # EasyDeL's own mesh would span jax.devices() (the CPU here): build it over the topology.
-    resolved = tuple(len(mesh_devices) // int(np.prod([d for d in dims if d != -1]))
-                     if d == -1 else d for d in dims)
+    resolved = sharding.resolve_axis_dims(dims, len(mesh_devices))
     arr = mesh_utils.create_device_mesh(resolved, devices=mesh_devices)
     mesh = Mesh(arr, jax_setup.AXIS_NAMES)
     ed_config.set_model_mesh(mesh)
@@ -68,7 +67,7 @@ def build_abstract(hf_config: dict, mesh_devices, axis_dims, *, dtype=jnp.bfloat
         (cfg.max_position_embeddings, rot), jnp.float32))
     graphdef, state = nnx.split(model)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    specs = match_partition_rules(model._get_partition_rules(None), abstract)
+    specs = match_partition_rules(sharding.module_rules(model), abstract)
     sharded = jax.tree.map(
         lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
             mesh, sanitize_partition_spec_for_shape(spec=spec, shape=tuple(x.shape), mesh=mesh)
@@ -78,22 +77,22 @@ def build_abstract(hf_config: dict, mesh_devices, axis_dims, *, dtype=jnp.bfloat
 
 
 def compile_forward(hf_config: dict, devices, axis_dims, *, batch: int, seq_len: int,
-                    layer_ids, dtype=jnp.bfloat16):
-    """(compiled, seconds, mesh) of the dump's jitted features forward at [batch, seq_len];
-    train.aot.DoesNotFit (with its .seconds and .mesh) when XLA:TPU finds it exceeds HBM."""
+                    layer_ids, dtype=jnp.bfloat16, attention: str = "blocksparse"):
+    """(compiled, seconds, mesh) of the dump's jitted features forward at [batch, seq_len]
+    (seq_len as the teacher runs it: attention.run_length); train.aot.DoesNotFit (with its
+    .seconds and .mesh) when XLA:TPU finds it exceeds HBM."""
     from pipeline.teacher.easydel_teacher import _forward
-    from train.aot import DoesNotFit, compile_lowered
+    from train.aot import DoesNotFit, compile_lowered, target_backend
 
-    graphdef, state, mesh = build_abstract(hf_config, devices, axis_dims, dtype=dtype)
-    dp = dict(mesh.shape)["dp"]
-    if batch % dp:
-        raise UserError(f"--batch-size {batch} is not a multiple of the mesh's dp={dp}")
+    graphdef, state, mesh = build_abstract(hf_config, devices, axis_dims, dtype=dtype,
+                                           attn_mechanism=attention)
+    sharding.check_batch(batch, mesh)
     rep = NamedSharding(mesh, P())
     ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rep)
     mask = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_, sharding=rep)
     fn = jax.jit(functools.partial(_forward, graphdef), static_argnames=("layer_ids", "logits_at"))
     t0 = time.perf_counter()
-    with mesh:
+    with mesh, target_backend("tpu"):
         try:
             compiled = compile_lowered(fn.lower(state, ids, mask, layer_ids=tuple(layer_ids),
                                                 logits_at=None))

@@ -3,8 +3,8 @@ they fit: the TPU counterpart of the GPU bench, needing no accelerator.
 
     .venv-tpu/bin/python -m tools.tpu_compile --topology v5e:2x4               # draft step
     .venv-tpu/bin/python -m tools.tpu_compile --topology v5e:2x4 --remat --batch-size 32
-    .venv-tpu/bin/python -m tools.tpu_compile --program teacher --teacher gpt-oss-120b \\
-        --topology v5p:2x2x1 --sharding-axis-dims 1,4,1,1,1 --batch-size 8
+    .venv-tpu/bin/python -m tools.tpu_compile --program teacher --teacher gpt-oss-20b \\
+        --topology v5e:2x4 --batch-size 8          # the dump's defaults: mesh, attention
 
 Needs libtpu (`make tpu-venv` builds .venv-tpu = .venv + libtpu; the main .venv has none, since
 with libtpu importable every JAX process probes for a TPU). `--program draft` compiles the
@@ -12,7 +12,8 @@ trainer's jitted step (train.aot: the same program, shardings and rules table tr
 with abstract inputs); `--program teacher` the dump's EasyDeL GPT-OSS forward with abstract
 weights (tools._tpu_teacher). Prints a table and one JSON line: per-chip memory (arguments, temp,
 output, code) from XLA's memory analysis, the chip's HBM, fit and margin, compile time, XLA's
-flop count and, for the draft, a step-time ESTIMATE from model FLOPs at the chip's peak.
+flop count and, for the draft, a step-time ESTIMATE from model FLOPs at the chip's peak; for the
+teacher a roofline tokens/s ESTIMATE (tools._teacher_roofline).
 Exit 0 when it fits, 1 when it does not, 2 on bad input.
 """
 from __future__ import annotations
@@ -49,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default=d.attention, choices=("auto", "xla", "dense", "pallas_tpu"),
                    help=f"draft attention kernel, as the trainer's flag (default: {d.attention}: "
                         "pallas_tpu on TPU)")
-    p.add_argument("--sharding-axis-dims", default="1,8,1,1,1",
-                   help="teacher: EasyDeL mesh dp,fsdp,ep,tp,sp (default: the dump seed's "
-                        "1,8,1,1,1)")
+    p.add_argument("--sharding-axis-dims", default=None,
+                   help="teacher: EasyDeL mesh dp,fsdp,ep,tp,sp (default: the dump's, "
+                        "pipeline.teacher.sharding: fsdp over every chip, experts sharded)")
+    p.add_argument("--teacher-attention", default="blocksparse", choices=("blocksparse", "vanilla"),
+                   help="teacher: EasyDeL attention (default: blocksparse, the dump's on TPU)")
     return p
 
 

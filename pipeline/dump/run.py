@@ -24,11 +24,13 @@ import numpy as np
 
 from pipeline.cache.format import BF16, DEFAULT_FORMAT, FORMATS, CacheManifest
 from pipeline.cache.prepare import existing_format
-from pipeline.dump.sources import TeacherInfo, default_sequences, load_teacher, teacher_info
+from pipeline.dump.sources import (TeacherInfo, check_attention_length, default_sequences,
+                                   load_teacher, teacher_attention, teacher_info)
 from pipeline.distributed import process_group
 from pipeline.dump.hosts import run_host_dump
 from pipeline.dump.local import _batches, dump_into  # noqa: F401  (_batches: tools.bench_dump)
 from pipeline.errors import UserError
+from pipeline.teacher.attention import ATTENTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,10 @@ class DumpConfig:
     layer_ids: tuple[int, ...] | None = None  # teacher layers; None = build_target_layer_ids(L, K)
     num_layers: int = 5  # K when layer_ids is None
     sharding_axis_dims: tuple[int, ...] | None = None  # EasyDeL mesh; None = sized to devices
+    # (pipeline.teacher.sharding.default_axis_dims: fsdp over every chip, experts sharded)
+    # teacher attention (pipeline.teacher.attention): auto = blocksparse on TPU (T padded to a
+    # multiple of its block), vanilla on CPU; the one that runs is recorded in the manifest
+    attention: str = "auto"
     max_seqs: int | None = None  # stop after this many sequences (trials)
     overwrite: bool = False  # delete an existing cache in `out` first
     dtype: str = "bfloat16"  # teacher compute dtype; features are stored as bfloat16
@@ -77,6 +83,9 @@ class DumpConfig:
             raise UserError(f"--format must be arrayrecord or tensorstore, got {self.format!r}")
         if self.kvstore and self.format not in (None, "tensorstore"):
             raise UserError("--kvstore needs --format tensorstore")
+        if self.attention not in ATTENTIONS:
+            raise UserError(f"--attention must be one of {', '.join(ATTENTIONS)}, "
+                            f"got {self.attention!r}")
         if self.dtype not in ("bfloat16", "float32"):
             raise UserError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
 
@@ -148,6 +157,11 @@ def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = N
                         f"({info.data_identity.get('source')})")
     seqs = itertools.chain([first], seqs)
     group = process_group(config)
+    # After process_group: resolving "auto" may start the backend (jax.distributed first).
+    attention = teacher_attention(config, teacher)
+    check_attention_length(config, attention, info)
+    config = dataclasses.replace(config, attention=attention)
+    manifest = dataclasses.replace(manifest, settings={**manifest.settings, "attention": attention})
     if group.count > 1:
         return run_host_dump(config, manifest, seqs, teacher, info, group, log, t0)
     return dump_into(config, config.out, manifest, seqs, config.max_seqs, teacher, info, log, t0)

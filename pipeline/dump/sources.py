@@ -27,6 +27,7 @@ class TeacherInfo:
     tokenizer: str | None = None
     mask_token_id: int | None = None
     vocab_size: int | None = None
+    max_positions: int | None = None  # the teacher's max_position_embeddings
 
 
 def _weights_sha256(path: Path) -> str:
@@ -122,7 +123,7 @@ def _snapshot_info(config, path: Path) -> TeacherInfo:
     return TeacherInfo(
         int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), identity,
         data_identity(config.data), path, tokenizer, _mask_token_id(cfg, path),
-        cfg.get("vocab_size"))
+        cfg.get("vocab_size"), cfg.get("max_position_embeddings"))
 
 
 def teacher_info(config, teacher=None) -> TeacherInfo:
@@ -140,7 +141,30 @@ def teacher_info(config, teacher=None) -> TeacherInfo:
     return TeacherInfo(
         int(teacher.num_layers), int(teacher.hidden_size), identity, data_identity(config.data),
         None, getattr(teacher, "tokenizer_path", None), _mask_token_id(cfg, None),
-        cfg.get("vocab_size"))
+        cfg.get("vocab_size"), cfg.get("max_position_embeddings"))
+
+
+def teacher_attention(config, teacher=None) -> str:
+    """The attention the dump's teacher runs, recorded in the manifest (part of the cache's
+    settings): an injected teacher's own, else --attention, "auto" resolved for the backend of
+    this machine (pipeline.teacher.attention.resolve_attention; starts the backend)."""
+    if teacher is not None:
+        return str(getattr(teacher, "attention", config.attention))
+    if config.attention != "auto":
+        return config.attention
+    from pipeline.teacher.attention import resolve_attention
+    from pipeline.teacher.jax_setup import process_local_devices, start_backend
+    with process_local_devices():
+        return resolve_attention("auto", start_backend()[0].platform)
+
+
+def check_attention_length(config, attention: str, info: TeacherInfo) -> None:
+    """--seq-len as `attention` runs it (blocksparse pads it to its block) must fit the
+    teacher's positions: one UserError line before any file is written."""
+    from pipeline.teacher.attention import run_length
+    limit = info.max_positions
+    run_length(config.seq_len, attention,
+               max_positions=limit if isinstance(limit, int) and not isinstance(limit, bool) else None)
 
 
 def load_teacher(config, info: TeacherInfo):
@@ -152,7 +176,8 @@ def load_teacher(config, info: TeacherInfo):
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config.dtype]
     with process_local_devices():  # multi-process dump: each process's teacher is its own
         return Teacher.from_pretrained(str(info.model_path), dtype=dtype,
-                                       sharding_axis_dims=config.sharding_axis_dims)
+                                       sharding_axis_dims=config.sharding_axis_dims,
+                                       attention=config.attention)
 
 
 def default_sequences(config, info: TeacherInfo):

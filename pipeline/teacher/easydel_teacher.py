@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from pipeline.teacher import fixes as easydel_fixes
-from pipeline.teacher import jax_setup, snapshot_check
+from pipeline.teacher import jax_setup, sharding, snapshot_check
+from pipeline.teacher.attention import resolve_attention, run_length
 from pipeline.errors import UserError
 from pipeline.teacher.snapshot import DEFAULT_MODEL, check_weights, read_config, resolve_model
 
@@ -35,19 +37,28 @@ def _import_easydel():
 
 
 def load_easydel_model(path, *, dtype, sharding_axis_dims, attn_mechanism="vanilla",
-                       fixes=easydel_fixes.ALL_FIXES):
-    """EasyDeL GptOssForCausalLM from an HF snapshot (from_torch=True), with our fixes applied."""
+                       fixes=easydel_fixes.ALL_FIXES, dense_experts=False):
+    """EasyDeL GptOssForCausalLM from an HF snapshot (from_torch=True), with our fixes applied,
+    its weights placed by pipeline.teacher.sharding.partition_rules (experts sharded over the
+    expert-parallel group) as they load. dense_experts: EasyDeL's dense MoE path (CPU, where
+    the fused expert-parallel path cannot run on an fsdp/ep mesh)."""
     ed = _import_easydel()
     fixes = easydel_fixes.check_fixes(fixes)
+    # attn_dtype defaults to bfloat16 in EasyDeL whatever the model dtype.
+    config_kwargs = {"attn_mechanism": attn_mechanism, "attn_dtype": dtype,
+                     "attn_softmax_dtype": jnp.float32}
+    ed_config = ed.AutoEasyDeLConfig.from_pretrained(str(path))
+    ed_config.add_basic_configurations(sharding_axis_dims=tuple(sharding_axis_dims),
+                                       **config_kwargs)
     model = ed.AutoEasyDeLModelForCausalLM.from_pretrained(
         str(path), from_torch=True, dtype=dtype, param_dtype=dtype,
         precision=jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None,
         sharding_axis_dims=tuple(sharding_axis_dims), verbose=False,
-        # attn_dtype defaults to bfloat16 in EasyDeL whatever the model dtype.
-        config_kwargs={"attn_mechanism": attn_mechanism, "attn_dtype": dtype,
-                       "attn_softmax_dtype": jnp.float32},
-        **easydel_fixes.load_kwargs(dtype, fixes))
+        partition_rules=sharding.partition_rules(ed_config, dtype),
+        config_kwargs=config_kwargs, **easydel_fixes.load_kwargs(dtype, fixes))
     easydel_fixes.apply_fixes(model, fixes, dtype)
+    if dense_experts:
+        sharding.use_dense_experts(model)
     return model
 
 
@@ -79,6 +90,10 @@ class Teacher:
     def __init__(self, model, *, path, dtype, fixes):
         from flax import nnx
 
+        self.attention = str(model.config.attn_mechanism)  # EasyDeL's mechanism, e.g. blocksparse
+        # blocksparse falls back to vanilla unless T is a multiple of both block sizes
+        self.attention_block = math.lcm(int(getattr(model.config, "blocksize_q", 512) or 1),
+                                        int(getattr(model.config, "blocksize_k", 512) or 1))
         self.path = Path(path)
         self.dtype = jnp.dtype(dtype)
         self.fixes = frozenset(fixes)
@@ -94,13 +109,17 @@ class Teacher:
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype=jnp.bfloat16,
-                        sharding_axis_dims=None, attn_mechanism: str = "vanilla",
-                        fixes=None, compilation_cache=None) -> "Teacher":
+                        sharding_axis_dims=None, attention: str = "auto",
+                        fixes=None, compilation_cache=None,
+                        dense_experts: bool = False) -> "Teacher":
         """Load `model` ("tiny", snapshot dir or cached repo id) on all devices present.
 
         sharding_axis_dims: EasyDeL mesh sizes (dp, fsdp, ep, tp, sp); None = sized to the devices
-        (jax_setup.default_axis_dims). fixes: names from easydel_fixes.FIX_NAMES, None = all.
-        compilation_cache: directory or "off"; None = $DFLASH_JAX_CACHE or /dev/shm/dflash/jax_cache.
+        (sharding.default_axis_dims). attention: auto (blocksparse on TPU, vanilla on CPU:
+        pipeline.teacher.attention), blocksparse or vanilla. fixes: names from
+        easydel_fixes.FIX_NAMES, None = all. compilation_cache: directory or "off"; None =
+        $DFLASH_JAX_CACHE or /dev/shm/dflash/jax_cache. dense_experts: EasyDeL's dense MoE path
+        (sharding.use_dense_experts), which lets a CPU mesh shard the experts over fsdp.
         """
         path = resolve_model(model)
         hf_config = read_config(path)  # JSON, GPT-OSS, sizes: one UserError line otherwise
@@ -109,13 +128,16 @@ class Teacher:
         jax_setup.enable_compilation_cache(compilation_cache)
         devices = jax_setup.start_backend()
         snapshot_check.check_snapshot(path, hf_config, dtype, devices)  # before any allocation
+        platform = devices[0].platform
         if sharding_axis_dims is None:
-            sharding_axis_dims = jax_setup.default_axis_dims(
-                len(devices), devices[0].platform, int(hf_config.get("num_local_experts", 1)))
-        dims = jax_setup.check_axis_dims(sharding_axis_dims, len(devices), devices[0].platform)
+            sharding_axis_dims = sharding.default_axis_dims(
+                len(devices), platform, int(hf_config.get("num_local_experts", 1)))
+        dims = jax_setup.check_axis_dims(sharding_axis_dims, len(devices), platform,
+                                         dense_experts=dense_experts)
         fixes = easydel_fixes.check_fixes(fixes)
         ed_model = load_easydel_model(path, dtype=dtype, sharding_axis_dims=dims,
-                                      attn_mechanism=attn_mechanism, fixes=fixes)
+                                      attn_mechanism=resolve_attention(attention, platform),
+                                      fixes=fixes, dense_experts=dense_experts)
         return cls(ed_model, path=path, dtype=dtype, fixes=fixes)
 
     # --- forward ---------------------------------------------------------------------------
@@ -133,12 +155,24 @@ class Teacher:
         mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
         if ids.ndim != 2 or mask.shape != ids.shape:
             raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal [b, T]")
-        dp = dict(self.mesh.shape).get("dp", 1)
-        if ids.shape[0] % dp:
-            raise UserError(f"batch size {ids.shape[0]} is not a multiple of the mesh's dp={dp} "
-                            "(--sharding-axis-dims); change one of them")
+        sharding.check_batch(ids.shape[0], self.mesh)
+        seq_len = ids.shape[1]
+        length = self.run_length(seq_len)
+        if length != seq_len:  # right padding: invisible to the real positions (attention.py)
+            ids = jnp.pad(ids, ((0, 0), (0, length - seq_len)))
+            mask = jnp.pad(mask, ((0, 0), (0, length - seq_len)))
         with self.mesh:
-            return self._jit(self._state, ids, mask, layer_ids=layer_ids, logits_at=logits_at)
+            feats, logits = self._jit(self._state, ids, mask, layer_ids=layer_ids,
+                                      logits_at=logits_at)
+        if length != seq_len:
+            feats = None if feats is None else feats[:, :seq_len]
+            logits = logits[:, :seq_len] if logits_at == "all" else logits
+        return feats, logits
+
+    def run_length(self, seq_len: int) -> int:
+        """The length a [b, seq_len] forward runs at (padded for blocksparse attention)."""
+        return run_length(seq_len, self.attention, block=self.attention_block,
+                          max_positions=self.config.get("max_position_embeddings"))
 
     def features(self, input_ids, attention_mask, layer_ids) -> jax.Array:
         """[b, T, K*H] in the teacher dtype: outputs of `layer_ids`, concatenated in that order."""

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.teacher.sharding import AXIS_NAMES  # re-exported: EasyDeL's mesh axis order
 
 DEFAULT_CACHE_DIR = "/dev/shm/dflash/jax_cache"
 CACHE_ENV = "DFLASH_JAX_CACHE"  # a directory, or "off" to disable
-AXIS_NAMES = ("dp", "fsdp", "ep", "tp", "sp")  # EasyDeL's mesh axis order
 
 
 def compilation_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path | None:
@@ -83,11 +83,13 @@ def parse_axis_dims(text: str) -> tuple[int, ...]:
     return dims
 
 
-def check_axis_dims(dims, num_devices: int, platform: str = "tpu") -> tuple[int, ...]:
+def check_axis_dims(dims, num_devices: int, platform: str = "tpu",
+                    dense_experts: bool = False) -> tuple[int, ...]:
     """Validate dims against the device count (EasyDeL's mesh always spans every device).
 
-    On CPU, fsdp and ep must be 1: EasyDeL binds fsdp to its expert axis, and expert parallelism
-    needs ragged-all-to-all, which XLA:CPU does not implement.
+    On CPU, fsdp and ep must be 1 unless the MoE runs EasyDeL's dense path (dense_experts,
+    pipeline.teacher.sharding.use_dense_experts): EasyDeL binds fsdp to its expert axis, and
+    its fused expert-parallel MoE needs ragged-all-to-all, which XLA:CPU does not implement.
     """
     text = ",".join(map(str, dims))
     known = math.prod(d for d in dims if d != -1)
@@ -96,26 +98,11 @@ def check_axis_dims(dims, num_devices: int, platform: str = "tpu") -> tuple[int,
         raise UserError(f"--sharding-axis-dims {text} does not fit the {num_devices} device(s) "
                         "present (the product must equal it)")
     resolved = [num_devices // known if d == -1 else d for d in dims]
-    if platform == "cpu" and (resolved[1] > 1 or resolved[2] > 1):
+    if platform == "cpu" and not dense_experts and (resolved[1] > 1 or resolved[2] > 1):
         raise UserError(f"--sharding-axis-dims {text}: fsdp/ep > 1 means expert parallelism, which "
                         "XLA:CPU cannot run; use dp and tp on CPU, e.g. 1,1,1,"
                         f"{num_devices},1")
     return tuple(int(d) for d in dims)
-
-
-def default_axis_dims(num_devices: int, platform: str, num_experts: int) -> tuple[int, ...]:
-    """A mesh shape sized to the devices present.
-
-    Accelerators: EasyDeL's own default, fsdp over every device (its MoE then runs expert
-    parallel along that axis), when the experts divide evenly. Otherwise, and always on CPU
-    where XLA cannot run EasyDeL's expert-parallel all-to-all, tensor parallelism over every
-    device. The batch axis (dp) stays 1 so any batch size works.
-    """
-    if num_devices == 1:
-        return (1, 1, 1, 1, 1)
-    if platform != "cpu" and num_experts % num_devices == 0:
-        return (1, num_devices, 1, 1, 1)
-    return (1, 1, 1, num_devices, 1)
 
 
 @contextlib.contextmanager
