@@ -121,15 +121,14 @@ def test_forward_rows_equals_forward_per_row(target_dir, n):
     want = []
     for r, prefix in enumerate(prefixes):
         _, _, cache = tc.forward(shape, params, tc.new_cache(shape, size), jnp.asarray(prefix), jnp.int32(0))
-        # the same keys/values, shifted to end at the shared slot, in forward_rows' layouts
-        # ([kv, hd, S] / [kv, S, hd] per row)
+        # the same keys/values, shifted to end at the shared slot (K [kv, hd, S], V [kv, S, hd])
         shift = slot - starts[r]
-        rows_k = tuple(k.at[r, :, :, shift:slot].set(cache[0][i][:starts[r]].transpose(1, 2, 0))
+        rows_k = tuple(k.at[r, :, :, shift:slot].set(cache[0][i][0, :, :, :starts[r]])
                        for i, k in enumerate(rows_k))
-        rows_v = tuple(v.at[r, :, shift:slot].set(cache[1][i][:starts[r]].transpose(1, 0, 2))
+        rows_v = tuple(v.at[r, :, shift:slot].set(cache[1][i][0, :, :starts[r]])
                        for i, v in enumerate(rows_v))
         hidden, _, _ = tc.forward(shape, params, cache, jnp.asarray(new[r]), jnp.int32(starts[r]))
         want.append(np.asarray(hidden))
     first = jnp.asarray([slot - s for s in starts], jnp.int32)
-    got, _ = tc.forward_rows(shape, params, (rows_k, rows_v), jnp.asarray(new), jnp.int32(slot), first)
+    got, _, _ = tc.forward_rows(shape, params, (rows_k, rows_v), jnp.asarray(new), jnp.int32(slot), first)
     np.testing.assert_allclose(np.asarray(got), np.stack(want), rtol=1e-5, atol=1e-5)
