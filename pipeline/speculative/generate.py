@@ -68,36 +68,49 @@ def pick(sampling: SamplingConfig, logits, key):
     return jax.random.categorical(key, z).astype(jnp.int32)
 
 
+def row_keys(sampling: SamplingConfig, seq_index):
+    """Per-row sampling keys: fold_in(PRNGKey(seed), sequence index)."""
+    base = jax.random.PRNGKey(sampling.seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(seq_index)
+
+
+def pick_rows(sampling: SamplingConfig, logits, keys, t):
+    """Token t of every row from logits [b, V]: row r draws with fold_in(keys[r], t)."""
+    return jax.vmap(lambda lg, k: pick(sampling, lg, jax.random.fold_in(k, t)))(logits, keys)
+
+
+def prefill_step(shape: tc.TargetShape, params, cache, cols, slot, first):
+    """Prompt columns cols [b, c] at the shared slots slot.. -> (last column's hidden [b, H],
+    cache). One chunk of the prefill: what `_generate` loops over and tools.tpu_compile compiles."""
+    hidden, _, cache = tc.forward_rows(shape, params, cache, cols, slot, first)
+    return hidden[:, -1], cache
+
+
+def decode_step(shape: tc.TargetShape, sampling: SamplingConfig, params, cache, tok, t, slot,
+                first, keys):
+    """Token t of every row from the previous tokens tok [b] written at `slot` -> (new tokens
+    [b], cache): the body of `_generate`'s decode loop, and what tools.tpu_compile compiles."""
+    hidden, _, cache = tc.forward_rows(shape, params, cache, tok[:, None], slot, first)
+    return pick_rows(sampling, tc.logits(params, hidden[:, 0]), keys, t), cache
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, prefill_chunk: int,
+def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, chunk: int,
               params, prompts, lengths, seq_index, stop_ids):
     """prompts [B, P] int32 (left-padded: row r's prompt fills the last lengths[r] columns; P a
-    multiple of prefill_chunk), lengths [B], seq_index [B] (sampling keys), stop_ids [n] ->
+    multiple of chunk), lengths [B], seq_index [B] (sampling keys), stop_ids [n] ->
     tokens [B, max_new_tokens] (after a row's stop token: the stop token repeated)."""
     b, p = prompts.shape
     first = (p - lengths).astype(jnp.int32)
-
-    def step(cache, tokens, slot, first):
-        hidden, _, cache = tc.forward_rows(shape, params, cache, tokens, slot, first)
-        return hidden, cache
-
-    def logits(hidden):
-        return tc.logits(params, hidden)
-
-    base = jax.random.PRNGKey(sampling.seed)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(seq_index)
-    pick_rows = jax.vmap(lambda lg, k, t: pick(sampling, lg, jax.random.fold_in(k, t)),
-                         in_axes=(0, 0, None))
+    keys = row_keys(sampling, seq_index)
 
     def prefill(c, carry):
-        cache, _ = carry
-        cols = jax.lax.dynamic_slice_in_dim(prompts, c * prefill_chunk, prefill_chunk, axis=1)
-        hidden, cache = step(cache, cols, c * prefill_chunk, first)
-        return cache, hidden[:, -1]
+        cols = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
+        return prefill_step(shape, params, carry[0], cols, c * chunk, first)[::-1]
 
     carry = (tc.new_row_cache(shape, b, cache_len), jnp.zeros((b, shape.hidden), jnp.float32))
-    cache, last = jax.lax.fori_loop(0, p // prefill_chunk, prefill, carry)
-    tok = pick_rows(logits(last), row_keys, 0)
+    cache, last = jax.lax.fori_loop(0, p // chunk, prefill, carry)
+    tok = pick_rows(sampling, tc.logits(params, last), keys, 0)
     out = jnp.zeros((b, sampling.max_new_tokens), jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, stop_ids)
 
@@ -107,8 +120,7 @@ def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, p
 
     def body(state):
         t, tok, cache, done, out = state
-        hidden, cache = step(cache, tok[:, None], p + t - 1, first)
-        new = pick_rows(logits(hidden[:, 0]), row_keys, t)
+        new, cache = decode_step(shape, sampling, params, cache, tok, t, p + t - 1, first, keys)
         new = jnp.where(done, tok, new)  # a stopped row repeats its stop token (cut on the host)
         out = out.at[:, t].set(new)
         return t + 1, new, cache, done | jnp.isin(new, stop_ids), out

@@ -104,6 +104,8 @@ def decoder_mesh(devices, cfg, model: int | None = None) -> Mesh:
     """Mesh ("data", "model") over `devices`: "model" = `model`, or the largest count of devices
     that divides the KV heads and the expert width (each chip a whole KV head and an even share
     of every expert), "data" the rest."""
+    if isinstance(cfg, dict):
+        cfg = types.SimpleNamespace(**cfg)
     n = len(devices)
     kv, inter = int(cfg.num_key_value_heads), int(cfg.intermediate_size)
     if model is None:
