@@ -104,6 +104,7 @@ def test_forward_rows_equals_forward_per_row(target_dir, n):
     """The batched forward against the single-sequence cached target, row by row: rows of
     different lengths left-padded to one write slot (past the sliding window), new tokens on top
     of a cache."""
+    import jax
     import jax.numpy as jnp
 
     from pipeline.speculative import target as tc
@@ -130,5 +131,6 @@ def test_forward_rows_equals_forward_per_row(target_dir, n):
         hidden, _, _ = tc.forward(shape, params, cache, jnp.asarray(new[r]), jnp.int32(starts[r]))
         want.append(np.asarray(hidden))
     first = jnp.asarray([slot - s for s in starts], jnp.int32)
-    got, _, _ = tc.forward_rows(shape, params, (rows_k, rows_v), jnp.asarray(new), jnp.int32(slot), first)
+    run = jax.jit(lambda p, c, t, f: tc.forward_rows(shape, p, c, t, slot, f)[0])  # traced, as used
+    got = run(params, (rows_k, rows_v), jnp.asarray(new), first)
     np.testing.assert_allclose(np.asarray(got), np.stack(want), rtol=1e-5, atol=1e-5)
