@@ -32,7 +32,7 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     values[..., 0] = FP4_VALUES[blocks & 0x0F]
     values[..., 1] = FP4_VALUES[blocks >> 4]
     values = values.reshape(scales.shape + (32,))
-    values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    np.ldexp(values, scales.astype(np.int32)[..., None] - 127, out=values)
     e, rows = scales.shape[:2]
     return values.reshape(e, rows, -1).transpose(0, 2, 1)
 

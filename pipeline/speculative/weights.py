@@ -236,7 +236,9 @@ def load_target(path, feature_layers, *, dtype: str = "float32", mesh: Mesh | No
         if tuple(x.shape) != tuple(like.shape):
             raise UserError(f"{path}: {name} has shape {list(x.shape)}, the config says "
                             f"{list(like.shape)}")
-        return jax.device_put(jnp.asarray(x.astype(np.float32), like.dtype), like.sharding)
+        # cast on the host and place shard by shard (jnp.asarray would first put the whole
+        # tensor on one device: 4.2 GB per gpt-oss-120b expert projection)
+        return jax.device_put(x.astype(np.float32, copy=False).astype(like.dtype), like.sharding)
 
     top = read_safetensors(path, ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
     if "model.embed_tokens.weight" not in top:
