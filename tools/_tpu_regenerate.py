@@ -10,8 +10,8 @@ and the KV cache donated:
 It fits when both fit (the loop holds one of them at a time, plus the [batch, new tokens] output).
 
 Roofline of the decode step, per chip (each chip does the same work): the bytes it must read
-from HBM (its share of the attention and LM-head weights, of the experts the step's tokens route
-to: E (1 - (1 - k/E)^tokens) of E with uniform routing, and of the KV cache: the whole
+from HBM (its share of the attention and LM-head weights and of the embedding rows it looks up,
+of the experts the step's tokens route to: E (1 - (1 - k/E)^tokens) of E with uniform routing, and of the KV cache: the whole
 --cache-len slots on full-attention layers, which this decoder reads masked at every step, the
 window on sliding layers) over the chip's HBM bandwidth, and its FLOPs over the bf16 peak; the
 step takes at least the larger. tokens/s = batch / that time. An upper bound: collectives,
@@ -56,7 +56,9 @@ def roofline(s, chip, *, batch: int, cache_len: int) -> dict:
     expert_params = 3 * h * s.intermediate  # gate, up, down
     experts_bytes = s.num_layers * s.experts * expert_params * item
     hit = 1.0 - (1.0 - s.top_k / s.experts) ** rows
-    weights = (param_bytes(s) - experts_bytes) / model + hit * experts_bytes / model
+    embed_bytes = s.vocab * h * item  # a step reads `rows` rows of it, not the table
+    weights = (param_bytes(s) - experts_bytes - embed_bytes + hit * experts_bytes
+               + rows * h * item) / model
     full = sum(1 for x in s.layer_sliding if not x)
     window = min(s.sliding_window or cache_len, cache_len)
     kv_row_slot = 2 * s.kv_heads * hd * item  # K and V of one slot, all KV heads
