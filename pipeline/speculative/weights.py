@@ -110,7 +110,7 @@ def decoder_mesh(devices, cfg, model: int | None = None) -> Mesh:
     kv, inter = int(cfg.num_key_value_heads), int(cfg.intermediate_size)
     if model is None:
         model = max(m for m in range(1, n + 1) if n % m == 0 and kv % m == 0 and inter % m == 0)
-    if n % model or kv % model or inter % model:
+    if model < 1 or n % model or kv % model or inter % model:
         raise UserError(f"model axis {model} must divide the {n} devices, the {kv} KV heads and "
                         f"the expert width {inter}")
     return Mesh(np.asarray(devices, dtype=object).reshape(n // model, model), (DATA, MODEL))
