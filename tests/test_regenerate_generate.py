@@ -53,8 +53,11 @@ def test_greedy_equals_hf_generate(target_dir, prompts):
     from transformers import GptOssForCausalLM
 
     model = GptOssForCausalLM.from_pretrained(str(target_dir)).eval().float()
-    gen = BatchGenerator.from_snapshot(target_dir, stop_ids=(), batch_size=4,
+    # prefill in chunks of 8 columns (8 cached steps over the 64-column padded prompts; the
+    # early chunks are all left padding for the short rows)
+    gen = BatchGenerator.from_snapshot(target_dir, stop_ids=(), batch_size=4, prefill_tokens=32,
                                        sampling=SamplingConfig(max_new_tokens=NEW))
+    assert gen.prefill_chunk == 8
     ours = gen.generate(prompts, list(range(len(prompts))))
     for p, o in zip(prompts, ours):
         with torch.no_grad():
