@@ -1,7 +1,8 @@
 """Batched, KV-cached generation with the GPT-OSS target: greedy or sampled, one jitted program.
 
-The math is `pipeline.speculative.target.forward_rows`, the batched twin of the cached target the
-speculative harness is tested with (`forward`; the tests hold the two token-identical). Prompts
+The math is `pipeline.speculative.target.forward_rows`, the one decoder forward (the speculative
+harness's `CachedTarget` runs it on one row; the tests hold batched rows token-identical to each
+row alone and to HF torch's generate). Prompts
 are left-padded to a common length, so every row writes the same cache slot at every step (one
 in-place dynamic_update_slice per cache; per-row scatters cost half the decode step), while each
 row keeps its own RoPE positions (slot - first[r]) and never reads its padding slots: a row sees
