@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="gpt-oss-20b",
                    help="gpt-oss-20b, gpt-oss-120b, tiny, or an HF config.json / snapshot dir")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"sequences per step (default: trainer {d.batch_size}, teacher dump 8)")
+                   help=f"sequences per step (default: trainer {d.batch_size}, teacher dump 8, "
+                        "regenerate 256)")
     p.add_argument("--seq-len", type=int, default=3072, help="tokens per sequence (dump default)")
     p.add_argument("--num-features", type=int, default=5, help="K teacher layers (dump default)")
     p.add_argument("--anchors-per-seq", type=int, default=d.anchors_per_seq)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     opts = build_parser().parse_args(argv)
     if opts.batch_size is None:
-        opts.batch_size = {"draft": 16, "teacher": 8, "regenerate": 64}[opts.program]
+        opts.batch_size = {"draft": 16, "teacher": 8, "regenerate": 256}[opts.program]
     for name in ("batch_size", "seq_len", "num_features"):
         if getattr(opts, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

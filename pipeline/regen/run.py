@@ -37,7 +37,7 @@ class RegenerateConfig:
     data: str | None = None  # what the dump reads (jsonl/parquet/dir/glob/builtin:SPLIT)
     out: str = "/dev/shm/dflash/regenerated"
     sampling: SamplingConfig = SamplingConfig()
-    batch_size: int = 64  # sequences decoded together
+    batch_size: int = 256  # sequences decoded together (the largest compiled for v5e-8, docs/TPU.md)
     dtype: str = "auto"  # decoder weights/cache: bf16 on an accelerator, float32 on the CPU
     prompt_tokens: int = 128  # plain-text prompts: the first N tokens of each document
     max_prompts: int | None = None  # only the first N records of the data
