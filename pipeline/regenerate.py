@@ -42,6 +42,9 @@ def parse_args(argv=None) -> RegenerateConfig:
     add("--top-p", type=float, default=_S.top_p, help="nucleus sampling mass" + dflt)
     add("--seed", type=int, default=_S.seed, help="sampling seed (per sequence index)" + dflt)
     add("--batch-size", type=int, default=_D.batch_size, help="sequences decoded together" + dflt)
+    add("--dtype", default=_D.dtype, choices=("auto", "bfloat16", "float32"),
+        help="teacher weights and KV cache: auto = bfloat16 on TPU/GPU, float32 on the CPU; the "
+        "decoder is sharded over every accelerator (pipeline/speculative/weights.py)" + dflt)
     add("--prompt-tokens", type=int, default=_D.prompt_tokens,
         help="plain-text prompts: the first N tokens of each document" + dflt)
     add("--max-prompts", type=int, default=None, help="only the first N records of --data")
@@ -53,7 +56,7 @@ def parse_args(argv=None) -> RegenerateConfig:
     sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               top_p=a.top_p, seed=a.seed)
     return RegenerateConfig(model=a.model, data=a.data or "builtin:train", out=a.out,
-                            sampling=sampling, batch_size=a.batch_size,
+                            sampling=sampling, batch_size=a.batch_size, dtype=a.dtype,
                             prompt_tokens=a.prompt_tokens, max_prompts=a.max_prompts,
                             commit_every=a.commit_every, overwrite=a.overwrite,
                             progress=not a.no_progress)

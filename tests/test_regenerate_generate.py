@@ -53,8 +53,11 @@ def test_greedy_equals_hf_generate(target_dir, prompts):
     from transformers import GptOssForCausalLM
 
     model = GptOssForCausalLM.from_pretrained(str(target_dir)).eval().float()
-    gen = BatchGenerator.from_snapshot(target_dir, stop_ids=(), batch_size=4,
+    # prefill in chunks of 8 columns (8 cached steps over the 64-column padded prompts; the
+    # early chunks are all left padding for the short rows)
+    gen = BatchGenerator.from_snapshot(target_dir, stop_ids=(), batch_size=4, prefill_tokens=32,
                                        sampling=SamplingConfig(max_new_tokens=NEW))
+    assert gen.prefill_chunk == 8
     ours = gen.generate(prompts, list(range(len(prompts))))
     for p, o in zip(prompts, ours):
         with torch.no_grad():
@@ -104,6 +107,7 @@ def test_forward_rows_equals_forward_per_row(target_dir, n):
     """The batched forward against the single-sequence cached target, row by row: rows of
     different lengths left-padded to one write slot (past the sliding window), new tokens on top
     of a cache."""
+    import jax
     import jax.numpy as jnp
 
     from pipeline.speculative import target as tc
@@ -121,15 +125,15 @@ def test_forward_rows_equals_forward_per_row(target_dir, n):
     want = []
     for r, prefix in enumerate(prefixes):
         _, _, cache = tc.forward(shape, params, tc.new_cache(shape, size), jnp.asarray(prefix), jnp.int32(0))
-        # the same keys/values, shifted to end at the shared slot, in forward_rows' layouts
-        # ([kv, hd, S] / [kv, S, hd] per row)
+        # the same keys/values, shifted to end at the shared slot (K [kv, hd, S], V [kv, S, hd])
         shift = slot - starts[r]
-        rows_k = tuple(k.at[r, :, :, shift:slot].set(cache[0][i][:starts[r]].transpose(1, 2, 0))
+        rows_k = tuple(k.at[r, :, :, shift:slot].set(cache[0][i][0, :, :, :starts[r]])
                        for i, k in enumerate(rows_k))
-        rows_v = tuple(v.at[r, :, shift:slot].set(cache[1][i][:starts[r]].transpose(1, 0, 2))
+        rows_v = tuple(v.at[r, :, shift:slot].set(cache[1][i][0, :, :starts[r]])
                        for i, v in enumerate(rows_v))
         hidden, _, _ = tc.forward(shape, params, cache, jnp.asarray(new[r]), jnp.int32(starts[r]))
         want.append(np.asarray(hidden))
     first = jnp.asarray([slot - s for s in starts], jnp.int32)
-    got, _ = tc.forward_rows(shape, params, (rows_k, rows_v), jnp.asarray(new), jnp.int32(slot), first)
+    run = jax.jit(lambda p, c, t, f: tc.forward_rows(shape, p, c, t, slot, f)[0])  # traced, as used
+    got = run(params, (rows_k, rows_v), jnp.asarray(new), first)
     np.testing.assert_allclose(np.asarray(got), np.stack(want), rtol=1e-5, atol=1e-5)

@@ -5,6 +5,8 @@ they fit: the TPU counterpart of the GPU bench, needing no accelerator.
     .venv-tpu/bin/python -m tools.tpu_compile --topology v5e:2x4 --remat --batch-size 32
     .venv-tpu/bin/python -m tools.tpu_compile --program teacher --teacher gpt-oss-20b \\
         --topology v5e:2x4 --batch-size 8          # the dump's defaults: mesh, attention
+    .venv-tpu/bin/python -m tools.tpu_compile --program regenerate --teacher gpt-oss-20b \\
+        --topology v5e:2x4 --batch-size 64                  # decode + prefill, tokens/s roofline
 
 Needs libtpu (`make tpu-venv` builds .venv-tpu = .venv + libtpu; the main .venv has none, since
 with libtpu importable every JAX process probes for a TPU). `--program draft` compiles the
@@ -34,11 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default="v5e:2x4",
                    help="libtpu topology name, e.g. v5e:2x2, v5e:2x4 (v5e-8), v5p:2x2x1 (v5p-8), "
                         "v6e:2x4 (v6e-8) (default: v5e:2x4)")
-    p.add_argument("--program", choices=("draft", "teacher"), default="draft")
+    p.add_argument("--program", choices=("draft", "teacher", "regenerate"), default="draft",
+                   help="draft: the trainer's step; teacher: the dump's forward; regenerate: the "
+                        "regeneration decoder's decode step and prefill (tools._tpu_regenerate)")
     p.add_argument("--teacher", default="gpt-oss-20b",
                    help="gpt-oss-20b, gpt-oss-120b, tiny, or an HF config.json / snapshot dir")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"sequences per step (default: trainer {d.batch_size}, teacher dump 8)")
+                   help=f"sequences per step (default: trainer {d.batch_size}, teacher dump 8, "
+                        "regenerate 256)")
     p.add_argument("--seq-len", type=int, default=3072, help="tokens per sequence (dump default)")
     p.add_argument("--num-features", type=int, default=5, help="K teacher layers (dump default)")
     p.add_argument("--anchors-per-seq", type=int, default=d.anchors_per_seq)
@@ -55,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pipeline.teacher.sharding: fsdp over every chip, experts sharded)")
     p.add_argument("--teacher-attention", default="blocksparse", choices=("blocksparse", "vanilla"),
                    help="teacher: EasyDeL attention (default: blocksparse, the dump's on TPU)")
+    p.add_argument("--cache-len", type=int, default=4096,
+                   help="regenerate: KV cache slots per sequence (prompt + new tokens)")
+    p.add_argument("--model-shards", type=int, default=None,
+                   help="regenerate: the decoder mesh's model axis (default: every chip that "
+                        "divides the KV heads and expert width; the rest split the batch)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="regenerate: weights, cache and matmul dtype (default bfloat16)")
     return p
 
 
@@ -66,14 +78,18 @@ def main(argv=None) -> int:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     opts = build_parser().parse_args(argv)
     if opts.batch_size is None:
-        opts.batch_size = 16 if opts.program == "draft" else 8
+        opts.batch_size = {"draft": 16, "teacher": 8, "regenerate": 256}[opts.program]
     for name in ("batch_size", "seq_len", "num_features"):
         if getattr(opts, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
         from tools import _tpu_report as rep
-        row = rep.draft_report(opts) if opts.program == "draft" else rep.teacher_report(opts)
+        if opts.program == "regenerate":
+            from tools import _tpu_regenerate as rep
+            row = rep.regenerate_report(opts)
+        else:
+            row = rep.draft_report(opts) if opts.program == "draft" else rep.teacher_report(opts)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

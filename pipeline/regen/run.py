@@ -26,6 +26,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.preempt import Preempted, StopOnSignal
 from pipeline.speculative.generate import SamplingConfig
+from pipeline.speculative.weights import resolve_dtype
 from pipeline.cache.ledger import atomic_write_json, fsync_dir
 
 LEDGER = "regenerate-ledger.json"
@@ -40,7 +41,8 @@ class RegenerateConfig:
     data: str | None = None  # what the dump reads (jsonl/parquet/dir/glob/builtin:SPLIT)
     out: str = "/dev/shm/dflash/regenerated"
     sampling: SamplingConfig = SamplingConfig()
-    batch_size: int = 64  # sequences decoded together
+    batch_size: int = 256  # sequences decoded together (the largest compiled for v5e-8, docs/TPU.md)
+    dtype: str = "auto"  # decoder weights/cache: bf16 on an accelerator, float32 on the CPU
     prompt_tokens: int = 128  # plain-text prompts: the first N tokens of each document
     max_prompts: int | None = None  # only the first N records of the data
     commit_every: int = 256  # prompts per committed part (rounded up to batch_size)
@@ -86,6 +88,7 @@ def _settings(config: RegenerateConfig, model_dir: Path, stops) -> dict:
     info = teacher_info(probe)
     return {"teacher": info.identity, "data": info.data_identity,
             "sampling": dataclasses.asdict(config.sampling), "batch_size": config.batch_size,
+            "dtype": resolve_dtype(config.dtype),
             "prompt_tokens": config.prompt_tokens, "max_prompts": config.max_prompts,
             "interval": config.interval, "stop_ids": list(stops)}
 
@@ -204,7 +207,7 @@ def run_regenerate(config: RegenerateConfig, *, log=print, stop_after_parts: int
     prompts = rp.iter_prompts(tokenizer, records, config.prompt_tokens, start)
     first = next(prompts, None)  # the first prompt renders before any file is written
     gen = BatchGenerator.from_snapshot(model_dir, stop_ids=stops, sampling=config.sampling,
-                                       batch_size=config.batch_size)
+                                       batch_size=config.batch_size, dtype=config.dtype)
     bar = _progress(config.progress, len(records), start)
     new_tokens, parts = 0, 0
     pending = [first] if first is not None else []

@@ -1,16 +1,20 @@
 """Batched, KV-cached generation with the GPT-OSS target: greedy or sampled, one jitted program.
 
-The math is `pipeline.speculative.target.forward_rows`, the batched twin of the cached target the
-speculative harness is tested with (`forward`; the tests hold the two token-identical). Prompts
+The math is `pipeline.speculative.target.forward_rows`, the one decoder forward (the speculative
+harness's `CachedTarget` runs it on one row; the tests hold batched rows token-identical to each
+row alone and to HF torch's generate). Prompts
 are left-padded to a common length, so every row writes the same cache slot at every step (one
 in-place dynamic_update_slice per cache; per-row scatters cost half the decode step), while each
 row keeps its own RoPE positions (slot - first[r]) and never reads its padding slots: a row sees
 the same keys at the same positions as it would alone. The caches are per-layer buffers carried
 through the decode loop; the first version vmapped `forward`, which restacked (copied) every
 cache at every step and ran ~2.5x slower at batch 64.
-Experts stay dense (every expert for every token): with the tiny teacher's 4 experts, top-2, a
-per-token gather of expert weights would move ~50 MB per layer at batch 64 (64 tokens x 2 experts
-x 98k weights) to save ~13M of its ~25M multiply-adds (an estimate, not measured).
+Only the routed experts are computed (pipeline.speculative.moe), the weights and caches are in
+the decoder's dtype (bf16 on an accelerator by default) and sharded over its mesh (batch rows
+over "data", heads / expert width / vocab over "model"). The prompt is prefilled in chunks of
+`prefill_chunk` columns (a lax.fori_loop of cached steps, the same math as one step): a whole
+[batch, prompt] prefill would hold [batch, heads, prompt, cache] attention scores at once
+(68 GB per v5e chip for gpt-oss-20b at batch 256, 2048-token prompts).
 
 A row that has stopped keeps running (its output is cut on the host): its slots are its own, so
 it disturbs no other row, and the loop never runs past max_new_tokens, so no write leaves the
@@ -65,23 +69,49 @@ def pick(sampling: SamplingConfig, logits, key):
     return jax.random.categorical(key, z).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, params, prompts,
-              lengths, seq_index, stop_ids):
-    """prompts [B, P] int32 (left-padded: row r's prompt fills the last lengths[r] columns),
-    lengths [B], seq_index [B] (sampling keys), stop_ids [n] -> tokens [B, max_new_tokens] (after
-    a row's stop token: the stop token repeated)."""
+def row_keys(sampling: SamplingConfig, seq_index):
+    """Per-row sampling keys: fold_in(PRNGKey(seed), sequence index)."""
+    base = jax.random.PRNGKey(sampling.seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(seq_index)
+
+
+def pick_rows(sampling: SamplingConfig, logits, keys, t):
+    """Token t of every row from logits [b, V]: row r draws with fold_in(keys[r], t)."""
+    return jax.vmap(lambda lg, k: pick(sampling, lg, jax.random.fold_in(k, t)))(logits, keys)
+
+
+def prefill_step(shape: tc.TargetShape, params, cache, cols, slot, first):
+    """Prompt columns cols [b, c] at the shared slots slot.. -> (last column's hidden [b, H],
+    cache). One chunk of the prefill: what `_generate` loops over and tools.tpu_compile compiles."""
+    hidden, _, cache = tc.forward_rows(shape, params, cache, cols, slot, first)
+    return hidden[:, -1], cache
+
+
+def decode_step(shape: tc.TargetShape, sampling: SamplingConfig, params, cache, tok, t, slot,
+                first, keys):
+    """Token t of every row from the previous tokens tok [b] written at `slot` -> (new tokens
+    [b], cache): the body of `_generate`'s decode loop, and what tools.tpu_compile compiles."""
+    hidden, _, cache = tc.forward_rows(shape, params, cache, tok[:, None], slot, first)
+    return pick_rows(sampling, tc.logits(params, hidden[:, 0]), keys, t), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, chunk: int,
+              params, prompts, lengths, seq_index, stop_ids):
+    """prompts [B, P] int32 (left-padded: row r's prompt fills the last lengths[r] columns; P a
+    multiple of chunk), lengths [B], seq_index [B] (sampling keys), stop_ids [n] ->
+    tokens [B, max_new_tokens] (after a row's stop token: the stop token repeated)."""
     b, p = prompts.shape
     first = (p - lengths).astype(jnp.int32)
-    step = functools.partial(tc.forward_rows, shape, params)
-    base = jax.random.PRNGKey(sampling.seed)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(seq_index)
-    pick_rows = jax.vmap(lambda lg, k, t: pick(sampling, lg, jax.random.fold_in(k, t)),
-                         in_axes=(0, 0, None))
+    keys = row_keys(sampling, seq_index)
 
-    hidden, cache = step(tc.new_row_cache(shape, b, cache_len), prompts, jnp.int32(0), first)
-    last = hidden[:, -1]
-    tok = pick_rows(last @ params["lm_head"].T, row_keys, 0)
+    def prefill(c, carry):
+        cols = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
+        return prefill_step(shape, params, carry[0], cols, c * chunk, first)[::-1]
+
+    carry = (tc.new_row_cache(shape, b, cache_len), jnp.zeros((b, shape.hidden), jnp.float32))
+    cache, last = jax.lax.fori_loop(0, p // chunk, prefill, carry)
+    tok = pick_rows(sampling, tc.logits(params, last), keys, 0)
     out = jnp.zeros((b, sampling.max_new_tokens), jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, stop_ids)
 
@@ -91,8 +121,7 @@ def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, p
 
     def body(state):
         t, tok, cache, done, out = state
-        hidden, cache = step(cache, tok[:, None], p + t - 1, first)
-        new = pick_rows(hidden[:, 0] @ params["lm_head"].T, row_keys, t)
+        new, cache = decode_step(shape, sampling, params, cache, tok, t, p + t - 1, first, keys)
         new = jnp.where(done, tok, new)  # a stopped row repeats its stop token (cut on the host)
         out = out.at[:, t].set(new)
         return t + 1, new, cache, done | jnp.isin(new, stop_ids), out
@@ -101,22 +130,45 @@ def _generate(shape: tc.TargetShape, sampling: SamplingConfig, cache_len: int, p
     return jax.lax.while_loop(cond, body, state)[-1]
 
 
+def prefill_chunk(batch_size: int, prompt_bucket: int, prefill_tokens: int) -> int:
+    """Prompt columns per prefill step: the largest power of two <= prefill_tokens / batch_size,
+    at most prompt_bucket (a power of two, so the chunk divides every padded prompt length)."""
+    chunk = 1
+    while chunk * 2 <= max(1, prefill_tokens // batch_size) and chunk * 2 <= prompt_bucket:
+        chunk *= 2
+    return chunk
+
+
 class BatchGenerator:
     """generate(prompts, indices) -> generated token lists, batch by batch, one compile per
     (batch size, prompt bucket)."""
 
     def __init__(self, shape: tc.TargetShape, params, *, stop_ids, sampling: SamplingConfig,
-                 batch_size: int = 64, prompt_bucket: int = 64):
+                 batch_size: int = 64, prompt_bucket: int = 64, prefill_tokens: int = 8192):
         sampling.validate()
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        if prompt_bucket & (prompt_bucket - 1):
+            raise ValueError(f"prompt_bucket must be a power of two, got {prompt_bucket}")
+        if batch_size % shape.data_shards:
+            raise UserError(f"--batch-size {batch_size} is not a multiple of the mesh's data axis "
+                            f"({shape.data_shards})")
         self.shape, self.params, self.sampling = shape, params, sampling
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
         self.batch_size, self.prompt_bucket = batch_size, prompt_bucket
+        self.prefill_chunk = prefill_chunk(batch_size, prompt_bucket, prefill_tokens)
 
     @classmethod
-    def from_snapshot(cls, path, **kw) -> "BatchGenerator":
-        shape, params, _ = tc.load_target(path, (0,))  # features unused: one layer, the cheapest
+    def from_snapshot(cls, path, *, dtype: str = "auto", devices=None, model_shards=None,
+                      **kw) -> "BatchGenerator":
+        """Load the snapshot onto a mesh over `devices` (default: every accelerator, one CPU
+        device; weights.decoder_mesh)."""
+        from pipeline.speculative import weights
+
+        mesh = weights.decoder_mesh(list(devices or weights.default_devices()),
+                                    tc.load_hf_config(path), model_shards)
+        # features unused: one layer, the cheapest
+        shape, params, _ = tc.load_target(path, (0,), dtype=dtype, mesh=mesh)
         return cls(shape, params, **kw)
 
     def generate(self, prompts: list[list[int]], indices: list[int]) -> list[list[int]]:
@@ -139,7 +191,7 @@ class BatchGenerator:
             ids[r, pad_len - len(p):], lengths[r], index[r] = p, len(p), i
         cache_len = tc.bucket(pad_len + self.sampling.max_new_tokens, self.prompt_bucket)
         stop = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
-        toks = np.asarray(_generate(self.shape, self.sampling, cache_len, self.params,
+        toks = np.asarray(_generate(self.shape, self.sampling, cache_len, self.prefill_chunk, self.params,
                                     jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(index), stop))
         result = []
         for r in range(len(prompts)):

@@ -48,8 +48,12 @@ def build_target(model_dir: Path, layer_ids, naive: bool):
     from pipeline.speculative.target import CachedTarget
 
     if not naive:
+        import numpy as np
+
         t = CachedTarget(model_dir, layer_ids)
-        return t, t.params["embed"], t.params["lm_head"]
+        # host float32 copies: the draft runs on one device in float32, the target may be bf16
+        # and sharded over many
+        return t, np.asarray(t.params["embed"], np.float32), np.asarray(t.params["lm_head"], np.float32)
     import jax.numpy as jnp
     from pipeline.speculative.naive import NaiveTarget
     from pipeline.teacher.easydel_teacher import Teacher
