@@ -8,6 +8,7 @@ The target's embedding and LM head are not draft params: they are passed in, fro
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import DraftConfig
+from model.dflash2 import init_additions
 from model.module import DFlashDraft
 
 # ------------------------------------------------------------------ params
@@ -45,8 +47,8 @@ def _abstract_params(config: DraftConfig) -> dict:
     args = (jax.ShapeDtypeStruct((1, 1, k * h), jnp.float32),
             jax.ShapeDtypeStruct((1, b, h), jnp.float32),
             jax.ShapeDtypeStruct((1, 1 + b), jnp.int32))
-    variables = jax.eval_shape(functools.partial(DFlashDraft(config).init, jax.random.key(0)),
-                               *args)
+    variables = jax.eval_shape(functools.partial(DFlashDraft(config).init, jax.random.key(0),
+                                                 method="init_all"), *args)
     return from_variables(variables)
 
 
@@ -78,7 +80,14 @@ def init_draft_params(config: DraftConfig, rng: jax.Array, dtype=jnp.float32) ->
     create the params already sharded. All kernels come from ONE normal draw, sliced, in the
     order of the params' leaves: on CPU each threefry op costs ~1 s of compile, which made a
     per-leaf init (what DFlashDraft.init does) slower than the forward pass (the price is a
-    transient float32 copy of the kernels)."""
+    transient float32 copy of the kernels).
+
+    DFlash2: the backbone is exactly the DFlash draft's of the same rng (so step 0 of a DFlash2
+    run is that DFlash draft: its convolutions start as the identity), plus the additions of
+    `model.dflash2.init_additions`."""
+    if config.dflash2 is not None:
+        backbone = init_draft_params(dataclasses.replace(config, dflash2=None), rng, dtype=dtype)
+        return init_additions(config, jax.random.fold_in(rng, 2), backbone, dtype)
     paths, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config),
                                                           is_leaf=lambda x: isinstance(x, tuple))
     sizes = [math.prod(shape) if path[-1].key == "kernel" else 0 for path, shape in paths]
