@@ -48,8 +48,8 @@ def draft2(art, tmp_path_factory):
     params = init_additions(config, jax.random.key(3), params)
     rng = np.random.default_rng(4)
     sel = params["candidate_selector"]
-    for name in ("predecessor_codebook", "successor_codebook"):
-        sel[name] = jnp.asarray(rng.normal(size=sel[name].shape), jnp.float32)
+    for name in ("predecessor_codebook", "successor_codebook"):  # the bilinear term ~ +-1:
+        sel[name] = jnp.asarray(0.4 * rng.normal(size=sel[name].shape), jnp.float32)  # reorders
     sel["hidden_projection"]["kernel"] = jnp.asarray(
         0.3 * rng.normal(size=sel["hidden_projection"]["kernel"].shape), jnp.float32)
     for layer in params["layers"]:  # small dynamic taps: the draft still accepts tokens
@@ -113,19 +113,21 @@ def test_greedy_matches_reference_dflash_generate(art, target, draft2):
 @pytest.mark.slow
 def test_sampling_matches_target_softmax(art, target, draft2):
     """T > 0, q over the K candidates: token 2 (the first drawn by rejection sampling) follows
-    the target's softmax at its prefix (HF torch), as in the DFlash sampling test."""
+    the target's softmax at its prefix (HF torch), as in the DFlash sampling test. The prompt is
+    one the backbone was trained on, at T = 0.1: the draft's token is then accepted in some runs
+    and rejected (the residual resampled) in others, so both branches are exercised."""
     import torch
     from scipy.stats import chisquare
     from transformers import GptOssForCausalLM
 
-    temp, runs = 0.3, 300
+    temp, runs = 0.1, 300
     hf = GptOssForCausalLM.from_pretrained(art["target"], dtype=torch.float32).eval()
 
     def probs(ids):
         with torch.no_grad():
             return torch.softmax(hf(torch.tensor([ids])).logits[0, -1].double() / temp, -1).numpy()
 
-    prompt = max(fx.random_prompts(60, (4, 12), seed=21), key=lambda pr: probs(pr).max())
+    prompt = fx.random_prompts(4, (4, 12), seed=5)[0]  # fx.train_draft's first sequence
     mode = int(np.argmax(probs(prompt)))
     p = probs(prompt + [mode])
     draft = CachedDraft(draft2, target.params["embed"], target.params["lm_head"])
@@ -136,7 +138,7 @@ def test_sampling_matches_target_softmax(art, target, draft2):
             counts[g.tokens[1]] += 1
             n += 1
             accepted += g.accepted[0] > 0
-    assert n > 60 and accepted > 0  # the draft's token is accepted in some runs
+    assert n > 60 and 0 < accepted < n
     big = p * n >= 5
     obs = np.append(counts[big], counts[~big].sum())
     exp = np.append(p[big] * n, p[~big].sum() * n)
