@@ -72,6 +72,20 @@ def param_shapes(config: DraftConfig) -> dict:
                         is_leaf=_is_box)
 
 
+def param_counts(config: DraftConfig) -> dict[str, int]:
+    """Trainable parameters by part: total, convolutions (DFlash2's attention_conv / mlp_conv),
+    selector (DFlash2's codebooks 2 x V x rank + hidden projection) and the DFlash backbone."""
+    counts = {"convolutions": 0, "selector": 0, "backbone": 0}
+    leaves = jax.tree_util.tree_flatten_with_path(param_shapes(config),
+                                                  is_leaf=lambda x: isinstance(x, tuple))[0]
+    for path, shape in leaves:
+        keys = {str(getattr(k, "key", "")) for k in path}
+        part = ("selector" if "candidate_selector" in keys else
+                "convolutions" if keys & {"attention_conv", "mlp_conv"} else "backbone")
+        counts[part] += math.prod(shape)
+    return {"total": sum(counts.values()), **counts}
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
 def init_draft_params(config: DraftConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
     """Reference initialisation: kernels ~ N(0, 0.02), biases 0, norm scales 1 (list form).

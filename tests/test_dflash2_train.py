@@ -129,3 +129,21 @@ def test_step_zero_is_dflash():
     np.testing.assert_array_equal(np.asarray(h2), np.asarray(h1))
     base = np.asarray(p2["layers"][0]["mlp_conv"]["base_kernel"])
     assert (base[:, 0] == 1).all() and (base[:, 1:] == 0).all()
+
+
+def test_param_counts_of_gpt_oss_20b_drafts():
+    """What the pre-flight line reports for the default gpt-oss-20b draft: the codebooks are
+    2 x 201,088 x 256 (+ the 2880 x 256 hidden projection); each of the 16 convolutions has
+    2 x 2 x 2880 taps and a 2880 x (2 x 2 x 180 groups) projection."""
+    import dataclasses
+
+    from model.config import DFlash2Config, DraftConfig
+    from tools._tpu_report import teacher_hf_config
+
+    hf = teacher_hf_config("gpt-oss-20b")
+    d = DraftConfig.from_target(hf, num_draft_layers=8, block_size=8, mask_token_id=200000)
+    one, two = model.param_counts(d), model.param_counts(dataclasses.replace(
+        d, dflash2=DFlash2Config()))
+    assert one["backbone"] == two["backbone"] == one["total"]
+    assert two["selector"] == 2 * 201_088 * 256 + 2880 * 256
+    assert two["convolutions"] == 16 * (2 * 2 * 2880 + 2880 * 2 * 2 * 180)

@@ -205,6 +205,10 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs)
     memory.check_fits(estimate, cfg)
     if jax.process_index() == 0:
+        counts = model.param_counts(dcfg)  # DFlash2: its codebooks are most of the extra state
+        print(f"draft: {dcfg.arch}, {counts['total']:,} params ("
+              + ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total" and v)
+              + ")", file=sys.stderr)
         print(f"memory estimate: {memory.describe(estimate)}", file=sys.stderr)
     _check_run_dir(out, cfg, identity)  # the first run writes run.json (and creates --out)
     _write_json(out / "memory.json", estimate.to_dict())
