@@ -18,6 +18,10 @@ Why a context K/V cache is exact: a layer's context K/V depend on the context fe
 Params (kernels [in, out]): fc.kernel [K*H, H]; hidden_norm.scale, norm.scale [H];
 layers.<i>: input_layernorm, post_attention_layernorm .scale [H]; self_attn: q/k/v/o_proj
 {kernel, bias when attention_bias}, q_norm/k_norm.scale [D]; mlp: gate/up/down_proj.kernel.
+DFlash2 (config.dflash2 set, model/dflash2.py) adds layers.<i>.attention_conv / mlp_conv
+{base_kernel [2, taps, H], kernel_projection.kernel} and candidate_selector {predecessor_codebook,
+successor_codebook [V, rank], hidden_projection.kernel}; its methods select_path, propose_path
+and selector_scores walk or score the selector (init through init_all to create its params).
 The decoder layers are named "0", "1", ... under "layers": exactly flax's state dict of a list,
 so `draft_params.msgpack` (list form, serialized) is the serialization of these variables and
 the z-lab names (`layers.0.self_attn.q_proj.weight`) are these paths.
