@@ -15,8 +15,8 @@ _HOME = {
     "DraftConfig": "model.config", "build_target_layer_ids": "model.config",
     **{name: "model.draft" for name in (
         "as_variables", "block_tokens", "draft_hidden", "draft_hidden_train", "draft_logits",
-        "embed_block", "from_variables", "init_draft_params", "param_logical_axes",
-        "param_shapes")},
+        "embed_block", "from_variables", "init_draft_params", "param_counts",
+        "param_logical_axes", "param_shapes")},
     **{name: "model.io" for name in (
         "load_config", "load_draft", "load_msgpack", "save_draft", "save_msgpack")},
     "DFlashDraft": "model.module", "empty_cache": "model.module",

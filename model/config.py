@@ -18,6 +18,30 @@ ROPE_TYPES = ("default", "linear", "yarn")
 _ROPE_NON_SCALING = ("rope_theta", "type")
 
 
+@dataclasses.dataclass(frozen=True)
+class DFlash2Config:
+    """The two DFlash2 additions (z-lab `DFlash2DraftModel`, speculators `dflash2`); the defaults
+    are both references' (speculators 0.9.0 DFlash2SpeculatorConfig)."""
+
+    conv_kernel_size: int = 2  # causal taps of each grouped dynamic convolution (within a block)
+    conv_group_size: int = 16  # hidden channels that share one dynamic tap weight
+    selector_rank: int = 256  # rank of the candidate selector's codebooks [V, rank]
+    selector_top_k: int = 16  # unary top-K candidates the selector reranks
+
+    FIELDS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @classmethod
+    def read(cls, value) -> "DFlash2Config":
+        """From a field getter name -> value (None where absent: the default)."""
+        return cls(**{k: int(v) for k in cls.FIELDS if (v := value(k)) is not None})
+
+
+ARCHITECTURES = {"DFlashDraftModel": "dflash", "DFlash2DraftModel": "dflash2"}
+
+
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
     """Target layers whose outputs feed the draft, with `dflash==0.1.0` semantics.
 
@@ -60,12 +84,16 @@ class DraftConfig:
     logits_scaling: float | None = None  # multiplies draft logits (reference: output_multiplier)
     input_embedding_scale: float = 1.0  # multiplies embedded block tokens (reference name)
     hidden_act: str = "silu"
+    # DFlash2: the convolutions and the candidate selector (None = a DFlash draft).
+    dflash2: DFlash2Config | None = None
 
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        if isinstance(self.dflash2, dict):
+            object.__setattr__(self, "dflash2", DFlash2Config(**self.dflash2))
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", _freeze_rope(dict(self.rope_scaling)))
         problems = []
@@ -89,8 +117,27 @@ class DraftConfig:
             problems.append(f"rope_type {rope_type!r} is not supported ({ROPE_TYPES})")
         if float(self.rope_params.get("partial_rotary_factor", 1.0)) != 1.0:
             problems.append("partial_rotary_factor != 1 is not supported")
+        d2 = self.dflash2
+        if d2 is not None:
+            if min(d2.conv_kernel_size, d2.conv_group_size, d2.selector_rank,
+                   d2.selector_top_k) < 1:
+                problems.append(f"DFlash2 fields must be >= 1, got {d2.to_dict()}")
+            elif self.hidden_size % d2.conv_group_size:
+                problems.append(f"hidden_size {self.hidden_size} is not a multiple of "
+                                f"conv_group_size {d2.conv_group_size}")
+            elif d2.conv_kernel_size > self.block_size:
+                problems.append(f"conv_kernel_size {d2.conv_kernel_size} exceeds block_size "
+                                f"{self.block_size}")
+            elif d2.selector_top_k > self.vocab_size:
+                problems.append(f"selector_top_k {d2.selector_top_k} exceeds vocab_size "
+                                f"{self.vocab_size}")
         if problems:
             raise ValueError("invalid DraftConfig: " + "; ".join(problems))
+
+    @property
+    def arch(self) -> str:
+        """"dflash" or "dflash2" (the train.main --arch names)."""
+        return "dflash" if self.dflash2 is None else "dflash2"
 
     @property
     def num_features(self) -> int:
@@ -163,6 +210,9 @@ class DraftConfig:
         target_ids = draft_value("target_layer_ids") or build_target_layer_ids(
             int(d["num_target_layers"]), layers)
         theta, scaling = _read_rope(d)
+        archs = [a for a in d.get("architectures") or () if a in ARCHITECTURES]
+        dflash2 = (DFlash2Config.read(draft_value) if "DFlash2DraftModel" in archs
+                   or draft_value("selector_rank") is not None else None)
         multiplier = draft_value("output_multiplier")
         softcap = draft_value("final_logit_softcapping")
         return cls(
@@ -181,7 +231,7 @@ class DraftConfig:
             final_logit_softcapping=None if softcap is None else float(softcap),
             logits_scaling=None if multiplier is None else float(multiplier),
             input_embedding_scale=float(draft_value("input_embedding_scale", 1.0)),
-            hidden_act=d.get("hidden_act", "silu"),
+            hidden_act=d.get("hidden_act", "silu"), dflash2=dflash2,
         )
 
     def to_hf_dict(self, dtype: str = "float32") -> dict:
@@ -194,9 +244,12 @@ class DraftConfig:
             dflash["final_logit_softcapping"] = self.final_logit_softcapping
         if self.input_embedding_scale != 1.0:
             dflash["input_embedding_scale"] = self.input_embedding_scale
+        if self.dflash2 is not None:  # where the reference reads them first (_draft_value)
+            dflash.update(self.dflash2.to_dict())
         scaling = dict(self.rope_scaling) if self.rope_scaling else None
         d = {
-            "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+            "architectures": ["DFlash2DraftModel" if self.dflash2 else "DFlashDraftModel"],
+            "model_type": "qwen3",
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,

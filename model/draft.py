@@ -8,6 +8,7 @@ The target's embedding and LM head are not draft params: they are passed in, fro
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import DraftConfig
+from model.dflash2 import init_additions
 from model.module import DFlashDraft
 
 # ------------------------------------------------------------------ params
@@ -45,8 +47,8 @@ def _abstract_params(config: DraftConfig) -> dict:
     args = (jax.ShapeDtypeStruct((1, 1, k * h), jnp.float32),
             jax.ShapeDtypeStruct((1, b, h), jnp.float32),
             jax.ShapeDtypeStruct((1, 1 + b), jnp.int32))
-    variables = jax.eval_shape(functools.partial(DFlashDraft(config).init, jax.random.key(0)),
-                               *args)
+    variables = jax.eval_shape(functools.partial(DFlashDraft(config).init, jax.random.key(0),
+                                                 method="init_all"), *args)
     return from_variables(variables)
 
 
@@ -70,6 +72,20 @@ def param_shapes(config: DraftConfig) -> dict:
                         is_leaf=_is_box)
 
 
+def param_counts(config: DraftConfig) -> dict[str, int]:
+    """Trainable parameters by part: total, convolutions (DFlash2's attention_conv / mlp_conv),
+    selector (DFlash2's codebooks 2 x V x rank + hidden projection) and the DFlash backbone."""
+    counts = {"convolutions": 0, "selector": 0, "backbone": 0}
+    leaves = jax.tree_util.tree_flatten_with_path(param_shapes(config),
+                                                  is_leaf=lambda x: isinstance(x, tuple))[0]
+    for path, shape in leaves:
+        keys = {str(getattr(k, "key", "")) for k in path}
+        part = ("selector" if "candidate_selector" in keys else
+                "convolutions" if keys & {"attention_conv", "mlp_conv"} else "backbone")
+        counts[part] += math.prod(shape)
+    return {"total": sum(counts.values()), **counts}
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
 def init_draft_params(config: DraftConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
     """Reference initialisation: kernels ~ N(0, 0.02), biases 0, norm scales 1 (list form).
@@ -78,7 +94,14 @@ def init_draft_params(config: DraftConfig, rng: jax.Array, dtype=jnp.float32) ->
     create the params already sharded. All kernels come from ONE normal draw, sliced, in the
     order of the params' leaves: on CPU each threefry op costs ~1 s of compile, which made a
     per-leaf init (what DFlashDraft.init does) slower than the forward pass (the price is a
-    transient float32 copy of the kernels)."""
+    transient float32 copy of the kernels).
+
+    DFlash2: the backbone is exactly the DFlash draft's of the same rng (so step 0 of a DFlash2
+    run is that DFlash draft: its convolutions start as the identity), plus the additions of
+    `model.dflash2.init_additions`."""
+    if config.dflash2 is not None:
+        backbone = init_draft_params(dataclasses.replace(config, dflash2=None), rng, dtype=dtype)
+        return init_additions(config, jax.random.fold_in(rng, 2), backbone, dtype)
     paths, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config),
                                                           is_leaf=lambda x: isinstance(x, tuple))
     sizes = [math.prod(shape) if path[-1].key == "kernel" else 0 for path, shape in paths]

@@ -29,7 +29,10 @@ def _hf_names(config: DraftConfig) -> dict[tuple, str]:
     for path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config),
                                                         is_leaf=lambda x: isinstance(x, tuple))[0]:
         keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-        names[keys] = ".".join(str(k) for k in keys[:-1]) + "." + _SUFFIX[keys[-1]]
+        # A bare parameter (DFlash2's base_kernel and codebooks: torch nn.Parameter, not a
+        # module's weight) keeps its own name, as the published checkpoints store it.
+        tail = (_SUFFIX[keys[-1]],) if keys[-1] in _SUFFIX else (keys[-1],)
+        names[keys] = ".".join(str(k) for k in keys[:-1] + tail)
     return names
 
 

@@ -18,6 +18,10 @@ Why a context K/V cache is exact: a layer's context K/V depend on the context fe
 Params (kernels [in, out]): fc.kernel [K*H, H]; hidden_norm.scale, norm.scale [H];
 layers.<i>: input_layernorm, post_attention_layernorm .scale [H]; self_attn: q/k/v/o_proj
 {kernel, bias when attention_bias}, q_norm/k_norm.scale [D]; mlp: gate/up/down_proj.kernel.
+DFlash2 (config.dflash2 set, model/dflash2.py) adds layers.<i>.attention_conv / mlp_conv
+{base_kernel [2, taps, H], kernel_projection.kernel} and candidate_selector {predecessor_codebook,
+successor_codebook [V, rank], hidden_projection.kernel}; its methods select_path, propose_path
+and selector_scores walk or score the selector (init through init_all to create its params).
 The decoder layers are named "0", "1", ... under "layers": exactly flax's state dict of a list,
 so `draft_params.msgpack` (list form, serialized) is the serialization of these variables and
 the z-lab names (`layers.0.self_attn.q_proj.weight`) are these paths.
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 
 from model.attention import block_sparse_attention, dense_attention, inference_mask, visible
 from model.config import DraftConfig
+from model.dflash2 import CandidateSelector, DynamicConv
 from model.layers import MLP, Linear, RMSNorm
 from model.rope import apply_rope, rope_cos_sin
 
@@ -83,6 +88,9 @@ class DraftLayer(nn.Module):
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.rms_norm_eps)
         self.mlp = MLP(c.intermediate_size)
+        if c.dflash2 is not None:  # DFlash2: convolutions around both sublayers (model/dflash2.py)
+            self.attention_conv = DynamicConv(c)
+            self.mlp_conv = DynamicConv(c)
 
     @property
     def causal(self) -> bool:
@@ -99,6 +107,8 @@ class DraftLayer(nn.Module):
     def block_qkv(self, x, cos, sin):
         """The block's own q, k, v from its residual stream x [..., B, H]."""
         h = self.input_layernorm(x)
+        if self.config.dflash2 is not None:
+            h = self.attention_conv.prepare(h)
         return (self.self_attn.query(h, cos, sin), *self.self_attn.key_value(h, cos, sin))
 
     def context_kv(self, ctx, cos, sin):
@@ -106,8 +116,14 @@ class DraftLayer(nn.Module):
         return self.self_attn.key_value(ctx, cos, sin)
 
     def finish(self, x, attn):
-        x = x + self.self_attn.output(attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """o_proj + residual, then the MLP block; x [..., B, H] is the layer's input."""
+        out = self.self_attn.output(attn)
+        if self.config.dflash2 is None:
+            x = x + out
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.attention_conv.finish(self.input_layernorm(x), out)
+        h = self.post_attention_layernorm(x)
+        return x + self.mlp_conv.finish(h, self.mlp(self.mlp_conv.prepare(h)))
 
 
 class DraftLayers(nn.Module):
@@ -141,6 +157,8 @@ class DFlashDraft(nn.Module):
         self.hidden_norm = RMSNorm(c.rms_norm_eps)
         self.layers = DraftLayers(c)
         self.norm = RMSNorm(c.rms_norm_eps)
+        if c.dflash2 is not None:
+            self.candidate_selector = CandidateSelector(c)
 
     def fuse(self, target_hidden):
         """fc + hidden_norm over the K concatenated feature streams [..., K*H] -> [..., H]:
@@ -272,6 +290,34 @@ class DFlashDraft(nn.Module):
         if cap is not None and cap > 0:
             logits = jnp.tanh(logits / cap) * cap
         return logits
+
+    # -------------------------------------------------------------- DFlash2 selector
+    def init_all(self, target_hidden, noise_embedding, position_ids):
+        """The inference form, plus the selector's params for DFlash2 (init through this: the
+        forward alone never touches the selector)."""
+        hidden = self(target_hidden, noise_embedding, position_ids)
+        if self.config.dflash2 is not None:
+            ids = jnp.zeros(hidden.shape[:-1], jnp.int32)
+            self.candidate_selector.transition(hidden, ids, ids[..., None])
+        return hidden
+
+    def selector_scores(self, unary, hidden, predecessor_ids, candidate_ids):
+        """DFlash2: selector logits [..., K] of candidate_ids [..., K] whose unary logits are
+        `unary` [..., K], for hidden [..., H] after predecessor_ids [...]."""
+        return self.candidate_selector.scores(unary, hidden, predecessor_ids, candidate_ids)
+
+    def select_path(self, hidden, lm_head, anchor_ids, temperature, uniforms):
+        """DFlash2 `propose`: hidden [b, n, H] of slots 1..n -> (path, candidates, q), see
+        CandidateSelector.walk; the unary logits are `logits(hidden)`."""
+        return self.candidate_selector.walk(hidden, self.logits(hidden, lm_head), anchor_ids,
+                                            temperature, uniforms)
+
+    def propose_path(self, cache, embedding, lm_head, tokens, ctx_len, n_valid, temperature,
+                     uniforms):
+        """DFlash2 decode: tokens [b, B] = [anchor, MASK...] -> (path, candidates, q) of slots
+        1..B-1 (rows past n_valid - 1 are padding)."""
+        hidden = self.propose(cache, self.embed(embedding, tokens), ctx_len, n_valid)
+        return self.select_path(hidden[:, 1:], lm_head, tokens[:, 0], temperature, uniforms)
 
     def propose_logits(self, cache, embedding, lm_head, tokens, ctx_len, n_valid):
         """tokens [b, B] = [anchor, MASK...] -> draft logits [b, B, V] (row 0 is the anchor's)."""

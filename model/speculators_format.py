@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.config import DraftConfig
+from model.config import DFlash2Config, DraftConfig
 
 SPECULATORS_VERSION = "0.9.0"  # the release whose format and model the tests check against
 # Tensors a speculators checkpoint may carry that are the verifier's, not the draft's.
@@ -76,9 +76,10 @@ def to_speculators_dict(config: DraftConfig, dtype: str = "float32",
     # depth survives the trip (speculators reads it from the verifier otherwise).
     layer["num_target_layers"] = config.num_target_layers
     non_causal = config.is_causal is False and "sliding_attention" in config.layer_types
-    return {
-        "architectures": ["DFlashSpeculator"],
-        "speculators_model_type": "dflash",
+    kind = config.arch  # "dflash" or "dflash2" (speculators 0.9.0 models/dflash2/config.py)
+    out = {
+        "architectures": ["DFlash2DraftModel" if config.dflash2 else "DFlashSpeculator"],
+        "speculators_model_type": kind,
         "speculators_version": SPECULATORS_VERSION,
         "transformer_layer_config": layer,
         "draft_vocab_size": config.vocab_size,
@@ -89,7 +90,7 @@ def to_speculators_dict(config: DraftConfig, dtype: str = "float32",
         "sliding_window_non_causal": non_causal,
         "sample_from_anchor": False,
         "speculators_config": {
-            "algorithm": "dflash",
+            "algorithm": kind,
             "proposal_methods": [{"proposal_type": "greedy",
                                   "speculative_tokens": config.block_size - 1}],
             "default_proposal_method": "greedy",
@@ -98,6 +99,9 @@ def to_speculators_dict(config: DraftConfig, dtype: str = "float32",
         },
         "dtype": dtype,
     }
+    if config.dflash2 is not None:  # the four DFlash2 fields sit at the top level there
+        out.update(config.dflash2.to_dict())
+    return out
 
 
 def from_speculators_dict(d: dict, num_target_layers: int | None = None) -> DraftConfig:
@@ -107,9 +111,9 @@ def from_speculators_dict(d: dict, num_target_layers: int | None = None) -> Draf
     this argument (e.g. read off the verifier's config by the caller).
     """
     kind = d.get("speculators_model_type")
-    if kind != "dflash":
+    if kind not in ("dflash", "dflash2"):
         raise FormatError(f"speculators_model_type {kind!r} is not a DFlash draft this project "
-                          "runs (only 'dflash')")
+                          "runs (only 'dflash' and 'dflash2')")
     layer = dict(d.get("transformer_layer_config") or {})
     if not layer:
         raise FormatError("speculators config has no transformer_layer_config")
@@ -132,7 +136,10 @@ def from_speculators_dict(d: dict, num_target_layers: int | None = None) -> Draf
     zlab.update(num_target_layers=int(depth), dflash_config={
         "block_size": int(d.get("block_size", 8)), "mask_token_id": int(d["mask_token_id"]),
         "target_layer_ids": [int(i) - 1 for i in aux]})
-    if d.get("sliding_window_non_causal") and "sliding_attention" in (layer.get("layer_types")
-                                                                      or ()):
+    if kind == "dflash2":  # speculators' defaults where a field is absent (DFlash2SpeculatorConfig)
+        zlab["architectures"] = ["DFlash2DraftModel"]
+        zlab["dflash_config"].update(DFlash2Config.read(d.get).to_dict())
+    non_causal = d.get("sliding_window_non_causal", kind == "dflash2")  # absent: its default
+    if non_causal and "sliding_attention" in (layer.get("layer_types") or ()):
         zlab["is_causal"] = False
     return DraftConfig.from_hf_dict(zlab)

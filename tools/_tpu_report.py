@@ -126,14 +126,14 @@ def draft_report(opts) -> dict:
         cfg = TrainConfig(batch_size=opts.batch_size, anchors_per_seq=opts.anchors_per_seq,
                           block_size=opts.block_size, draft_layers=opts.draft_layers,
                           mesh=opts.mesh, remat=opts.remat, attention=opts.attention,
-                          progress=False)
+                          progress=False, arch=getattr(opts, "arch", "dflash"))
     except ValueError as e:
         raise UserError(str(e)) from None
     if opts.block_size >= opts.seq_len:
         raise UserError(f"--block-size {opts.block_size} must be below --seq-len {opts.seq_len}")
-    dcfg = DraftConfig.from_target(hf, num_draft_layers=cfg.draft_layers,
-                                   block_size=cfg.block_size, mask_token_id=int(hf["vocab_size"]) - 1,
-                                   num_features=opts.num_features)
+    dcfg = cfg.with_arch(DraftConfig.from_target(
+        hf, num_draft_layers=cfg.draft_layers, block_size=cfg.block_size,
+        mask_token_id=int(hf["vocab_size"]) - 1, num_features=opts.num_features))
     n = max(1, min(cfg.anchors_per_seq, opts.seq_len - 1))
     mesh = make_mesh(cfg.mesh, devices)
     prog = aot.step_program(cfg, dcfg, mesh, seq_len=opts.seq_len,
@@ -152,7 +152,7 @@ def draft_report(opts) -> dict:
     row = {"program": "draft_step", "topology": opts.topology, "teacher": opts.teacher,
            "mesh": dict(mesh.shape), "batch_size": cfg.batch_size, "seq_len": opts.seq_len,
            "anchors_per_seq": n, "block_size": cfg.block_size, "draft_layers": cfg.draft_layers,
-           "remat": cfg.remat, "attention": opts.attention,
+           "remat": cfg.remat, "attention": opts.attention, "arch": cfg.arch,
            "attention_resolved": resolved, "compile_s": round(seconds, 1),
            "memory": mem, "xla_flops": flops_xla, **_peak(devices, chip)}
     # Anchors spread evenly over the sequence: the expected visible context of a uniform draw.

@@ -11,6 +11,7 @@ Deliberately standalone (no project imports): it is the independent oracle of th
 """
 import argparse
 import json
+from pathlib import Path
 import sys
 import time
 
@@ -31,7 +32,9 @@ def main(argv=None) -> int:
     # dflash_generate times with torch.cuda.synchronize(); on a CPU-only torch use a plain clock.
     ref._cuda_time = time.perf_counter
     target = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    draft = ref.DFlashDraftModel.from_pretrained(a.draft, dtype=torch.float32).eval()
+    archs = json.loads((Path(a.draft) / "config.json").read_text()).get("architectures") or []
+    cls = ref.DFlash2DraftModel if "DFlash2DraftModel" in archs else ref.DFlashDraftModel
+    draft = cls.from_pretrained(a.draft, dtype=torch.float32).eval()
     outputs, lengths = [], []
     with open(a.prompts) as f:
         prompts = [json.loads(line)["input_ids"] for line in f if line.strip()]

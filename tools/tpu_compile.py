@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=d.mesh, help="trainer mesh, e.g. data=2,fsdp=4 "
                    "(default: fsdp over every chip)")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=d.remat)
+    p.add_argument("--arch", choices=("dflash", "dflash2"), default=d.arch,
+                   help="draft architecture (train.main --arch)")
     p.add_argument("--attention", default=d.attention, choices=("auto", "xla", "dense", "pallas_tpu"),
                    help=f"draft attention kernel, as the trainer's flag (default: {d.attention}: "
                         "pallas_tpu on TPU)")

@@ -12,7 +12,9 @@ import dataclasses
 import math
 
 from model.attention import IMPLEMENTATIONS
+from model.config import DFlash2Config
 
+ARCHS = ("dflash", "dflash2")
 # Paper App. A: gamma of the slot-decay weights by block size.
 _GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
 
@@ -83,6 +85,11 @@ class TrainConfig:
     eval_every: int = 1000
     """Steps between held-out evaluations (accuracy, loss, simulated tau); the last step always
     evaluates; 0 = only the last step."""
+    arch: str = "dflash"
+    """Draft architecture: "dflash", or "dflash2" (DFlash + grouped dynamic causal convolutions
+    + candidate selector, model/dflash2.py; the four DFlash2 fields take their defaults)."""
+    selector_alpha: float = 1.0
+    """DFlash2: weight of the selector's K-way CE in the loss (speculators' selector_loss_alpha)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "block_size", "draft_layers", "anchors_per_seq",
@@ -105,6 +112,10 @@ class TrainConfig:
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, "
                              f"got {self.attention!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if not (math.isfinite(self.selector_alpha) and self.selector_alpha >= 0):
+            raise ValueError(f"selector_alpha must be a finite number >= 0, got {self.selector_alpha}")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype}")
 
@@ -113,6 +124,12 @@ class TrainConfig:
         if self.gamma is not None:
             return float(self.gamma)
         return _GAMMA_BY_BLOCK.get(self.block_size, self.block_size / 2.0)
+
+    def with_arch(self, dcfg):
+        """The DraftConfig `dcfg` (a DFlash backbone) as --arch builds it."""
+        if self.arch == "dflash2":
+            return dataclasses.replace(dcfg, dflash2=DFlash2Config())
+        return dataclasses.replace(dcfg, dflash2=None)
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)

@@ -69,10 +69,10 @@ def draft_config_for(cfg: TrainConfig, manifest, hf_config: dict) -> DraftConfig
         # an out-of-range id would silently clamp in the embedding gather on accelerators
         raise UserError(f"cache mask_token_id {manifest.mask_token_id} outside the teacher's "
                         f"vocab of {hf_config['vocab_size']}")
-    return DraftConfig.from_target(
+    return cfg.with_arch(DraftConfig.from_target(
         hf_config, num_draft_layers=cfg.draft_layers, block_size=cfg.block_size,
         mask_token_id=int(manifest.mask_token_id), num_features=manifest.num_features,
-        target_layer_ids=tuple(manifest.layer_ids), intermediate_size=cfg.intermediate_size)
+        target_layer_ids=tuple(manifest.layer_ids), intermediate_size=cfg.intermediate_size))
 
 
 def _check_run_dir(out: Path, cfg: TrainConfig, identity: dict, create: bool = True) -> None:
@@ -225,6 +225,10 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
                                 prog.frozen)
     memory.check_fits(estimate, cfg)
     if jax.process_index() == 0:
+        counts = model.param_counts(dcfg)  # DFlash2: its codebooks are most of the extra state
+        print(f"draft: {dcfg.arch}, {counts['total']:,} params ("
+              + ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total" and v)
+              + ")", file=sys.stderr)
         print(f"memory estimate: {memory.describe(estimate)}", file=sys.stderr)
     _check_run_dir(out, cfg, identity)  # the first run writes run.json (and creates --out)
     _write_json(out / "memory.json", estimate.to_dict())

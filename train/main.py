@@ -52,6 +52,9 @@ _HELP = {
     "eval_fraction": "fraction of --data never trained on, evaluated (>= 1 sequence; 0: none)",
     "eval_max": "at most this many held-out sequences",
     "eval_every": "steps between held-out evaluations (0: only the last step)",
+    "arch": "draft architecture: dflash, or dflash2 (+ local convolutions and candidate "
+            "selector)",
+    "selector_alpha": "dflash2: weight of the selector's cross-entropy in the loss",
 }
 _TYPES = {"int": int, "float": float, "str": str}
 

@@ -23,6 +23,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv": ("tensor",),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
+    "rank": ("fsdp",),  # DFlash2 selector codebooks [V, rank]: split, not copied per device
 }
 
 

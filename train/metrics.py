@@ -32,6 +32,15 @@ def summarize(raw: dict) -> dict:
            "lr": float(raw["lr"]), "expected_tau": expected_tau(acc),
            "supervised_tokens": float(count.sum())}
     out.update({f"acc_slot{k + 1}": float(a) for k, a in enumerate(acc)})
+    if "cand_hit" in raw:  # DFlash2: the selector's figures (train/loss_dflash2.py)
+        hit = float(raw["cand_hit"])
+        sel = np.asarray(raw["sel_slot_correct"], np.float64) / np.maximum(count, 1.0)
+        out.update({"unary_loss": float(raw["unary_loss"]),
+                    "selector_loss": float(raw["selector_loss"]),
+                    "cand_recall": hit / max(float(count.sum()), 1.0),
+                    "selector_acc": float(raw["selector_correct"]) / max(hit, 1.0),
+                    "expected_tau": expected_tau(sel), "unary_expected_tau": out["expected_tau"]})
+        out.update({f"sel_acc_slot{k + 1}": float(a) for k, a in enumerate(sel)})
     return out
 
 

@@ -24,7 +24,13 @@ from pipeline.errors import UserError
 from train.anchors import block_labels
 from train.config import TrainConfig
 from train.loss import decay_weights, dflash_loss
+from train.loss_dflash2 import dflash2_loss
 from train.mesh import batch_sharding, replicated, shardings_for
+
+
+# The selector's figures a DFlash2 step adds to its metrics (train/loss_dflash2.py).
+DFLASH2_METRICS = ("unary_loss", "selector_loss", "cand_hit", "selector_correct",
+                   "sel_slot_correct")
 
 
 def lr_schedule(cfg: TrainConfig):
@@ -35,8 +41,10 @@ def lr_schedule(cfg: TrainConfig):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Clip 1.0 then AdamW; weight decay only on matrices (not norms or biases)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    """Clip 1.0 then AdamW; weight decay only on matrices (not norms, biases, or DFlash2's
+    convolution taps, whose neutral value is the identity, not 0)."""
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) != "base_kernel", params)
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip),
         optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
@@ -113,6 +121,10 @@ def make_step_fn(cfg: TrainConfig, dcfg):
                                           implementation=attention)
         labels, sup = block_labels(batch["input_ids"], batch["loss_mask"], batch["anchors"],
                                    batch["anchor_valid"], dcfg.block_size)
+        if dcfg.dflash2 is not None:  # + alpha x selector CE (train/loss_dflash2.py)
+            return dflash2_loss(dcfg, p, hidden, frozen["lm_head"], batch["input_ids"],
+                                batch["anchors"], labels, sup, weights, alpha=cfg.selector_alpha,
+                                vocab_chunk=cfg.vocab_chunk, token_chunk=cfg.token_chunk)
         return dflash_loss(hidden, frozen["lm_head"], labels, sup, weights,
                            vocab_chunk=cfg.vocab_chunk, token_chunk=cfg.token_chunk)
 
@@ -130,6 +142,7 @@ def make_step_fn(cfg: TrainConfig, dcfg):
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "lr": schedule(state["step"]), "slot_correct": aux["slot_correct"],
                    "slot_count": aux["slot_count"], "finite": finite}
+        metrics.update({k: aux[k] for k in DFLASH2_METRICS if k in aux})
         return new_state, metrics
 
     return step_fn

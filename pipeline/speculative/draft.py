@@ -26,7 +26,8 @@ def _compiled(config: model.DraftConfig):
     writes it in place."""
     m = model.DFlashDraft(config)
     append = jax.jit(functools.partial(m.apply, method="append_context"), donate_argnums=1)
-    propose = jax.jit(functools.partial(m.apply, method="propose_logits"))
+    method = "propose_logits" if config.dflash2 is None else "propose_path"
+    propose = jax.jit(functools.partial(m.apply, method=method))
     return append, propose
 
 
@@ -64,3 +65,20 @@ class CachedDraft:
         logits = self._propose(self.variables, self.cache, self.embedding, self.lm_head,
                                jnp.asarray(buf)[None], jnp.int32(self.ctx_len), jnp.int32(n))
         return np.asarray(logits)[0, 1:n]
+
+    def path(self, block_ids: np.ndarray, block_size: int, temperature: float,
+             uniforms: np.ndarray):
+        """DFlash2: the selector's path from block_ids [n] = [anchor, MASK...] (model
+        CandidateSelector.walk; uniforms [n-1] drive its draws when temperature > 0)
+        -> (tokens [n-1], candidates [n-1, K], q [n-1, K])."""
+        n = len(block_ids)
+        buf = np.full(block_size, self.config.mask_token_id, np.int32)
+        buf[:n] = block_ids
+        u = np.zeros(block_size - 1, np.float32)
+        u[:n - 1] = uniforms
+        path, cands, q = self._propose(self.variables, self.cache, self.embedding, self.lm_head,
+                                       jnp.asarray(buf)[None], jnp.int32(self.ctx_len),
+                                       jnp.int32(n), jnp.float32(temperature),
+                                       jnp.asarray(u)[None])
+        return (np.asarray(path)[0, :n - 1], np.asarray(cands)[0, :n - 1],
+                np.asarray(q, np.float64)[0, :n - 1])

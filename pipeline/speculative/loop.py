@@ -176,8 +176,23 @@ class DFlashProposer:
         self.draft.extend(feats)
 
     def propose(self, seq, v, temperature, rng):
+        if getattr(self.draft.config, "dflash2", None) is not None:
+            return self._propose_dflash2(seq, v, temperature, rng)
         logits = self.draft.logits(np.asarray([seq[-1]] + [self.mask] * (v - 1), np.int32), self.block_size)
         if temperature <= 0:
             return [int(t) for t in np.argmax(logits, axis=-1)], None
         q = softmax(logits, temperature)
         return [sample_from(row, rng.random()) for row in q], q
+
+    def _propose_dflash2(self, seq, v, temperature, rng):
+        """DFlash2: the selector's path through each slot's top-K candidates (greedy, or drawn
+        with this loop's uniforms); q is its distribution over the K candidates, scattered into
+        the vocabulary (0 elsewhere) for the rejection sampler, as the reference verifies it."""
+        u = rng.random(v - 1) if temperature > 0 else np.zeros(v - 1)
+        block = np.asarray([seq[-1]] + [self.mask] * (v - 1), np.int32)
+        tokens, cands, q_k = self.draft.path(block, self.block_size, temperature, u)
+        if temperature <= 0:
+            return [int(t) for t in tokens], None
+        q = np.zeros((v - 1, self.draft.config.vocab_size))
+        np.put_along_axis(q, cands.astype(np.int64), q_k, axis=1)
+        return [int(t) for t in tokens], q

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.speculative.target import bucket
 
 
@@ -43,6 +44,8 @@ class NaiveDraft:
         import model
 
         self.config, params = model.load_draft(path)
+        if self.config.dflash2 is not None:
+            raise UserError(f"{path}: --naive runs DFlash drafts only (this one is DFlash2)")
         self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
         self.embedding = jnp.asarray(embedding, jnp.float32)
         self.lm_head = jnp.asarray(lm_head, jnp.float32)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import model
+from model.dflash2 import predecessor_ids
 
 LOGIT_BYTES = 1 << 28  # float32 logits per head chunk (anchors x slots x vocab)
 
@@ -81,8 +82,10 @@ def _labels(input_ids, anchors, width):
 
 def block_predictions(config, params, embed, lm_head, input_ids, features, anchors, width: int,
                       *, chunk_blocks: int | None = None):
-    """Blocks of `width` tokens [x[a], MASK...] at anchors [b, N] -> (argmax of slots 1..width-1
-    [b, N, width-1] int32, NLL of their labels x[a+k] [b, N, width-1] float32). Pure (jit it)."""
+    """Blocks of `width` tokens [x[a], MASK...] at anchors [b, N] -> (the token each slot
+    1..width-1 proposes [b, N, width-1] int32: the argmax, or for DFlash2 the selector's pick
+    with teacher-forced predecessors; NLL of their labels x[a+k] [b, N, width-1] float32, of the
+    unary logits). Pure (jit it)."""
     tokens = model.block_tokens(config, input_ids, anchors)[..., :width]
     emb = model.embed_block(config, embed, tokens).astype(features.dtype)
     hidden = model.draft_hidden_train(config, params, features, emb, anchors,
@@ -98,14 +101,24 @@ def block_predictions(config, params, embed, lm_head, input_ids, features, ancho
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, groups, c, *x.shape[2:]), 1, 0)
 
+    # DFlash2: slot k's token is the selector's pick among the unary top-K after x[a+k-1]: while
+    # the path is accepted its predecessors ARE the labels, so teacher forcing replays it exactly
+    prev = predecessor_ids(input_ids, anchors, w)
+
     def head(args):
-        hid, lab = args
+        hid, lab, pre = args
         logits = model.draft_logits(config, hid, lm_head.astype(hid.dtype)).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), lse - picked
+        if config.dflash2 is None:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), lse - picked
+        unary, cands = jax.lax.top_k(logits, config.dflash2.selector_top_k)
+        scores = model.DFlashDraft(config).apply(model.as_variables(params), unary, hid, pre,
+                                                 cands, method="selector_scores")
+        best = jnp.argmax(scores, axis=-1)[..., None]
+        return jnp.take_along_axis(cands, best, axis=-1)[..., 0].astype(jnp.int32), lse - picked
 
-    pred, nll = jax.lax.map(head, (grouped(hidden), grouped(labels)))
+    pred, nll = jax.lax.map(head, (grouped(hidden), grouped(labels), grouped(prev)))
     unflat = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, groups * c, w)[:, :n]  # noqa: E731
     return unflat(pred), unflat(nll)
 
