@@ -5,6 +5,8 @@ they fit: the TPU counterpart of the GPU bench, needing no accelerator.
     .venv-tpu/bin/python -m tools.tpu_compile --topology v5e:2x4 --remat --batch-size 32
     .venv-tpu/bin/python -m tools.tpu_compile --program teacher --teacher gpt-oss-120b \\
         --topology v5p:2x2x1 --sharding-axis-dims 1,4,1,1,1 --batch-size 8
+    .venv-tpu/bin/python -m tools.tpu_compile --program online --topology v5e:2x4 \\
+        --sharding-axis-dims 1,1,8,1,1 --batch-size 2
 
 Needs libtpu (`make tpu-venv` builds .venv-tpu = .venv + libtpu; the main .venv has none, since
 with libtpu importable every JAX process probes for a TPU). `--program draft` compiles the
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default="v5e:2x4",
                    help="libtpu topology name, e.g. v5e:2x2, v5e:2x4 (v5e-8), v5p:2x2x1 (v5p-8), "
                         "v6e:2x4 (v6e-8) (default: v5e:2x4)")
-    p.add_argument("--program", choices=("draft", "teacher"), default="draft")
+    p.add_argument("--program", choices=("draft", "teacher", "online"), default="draft",
+                   help="draft step, teacher forward, or online: both, as online training runs "
+                        "them (tools._tpu_online)")
     p.add_argument("--teacher", default="gpt-oss-20b",
                    help="gpt-oss-20b, gpt-oss-120b, tiny, or an HF config.json / snapshot dir")
     p.add_argument("--batch-size", type=int, default=None,
@@ -63,14 +67,18 @@ def main(argv=None) -> int:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     opts = build_parser().parse_args(argv)
     if opts.batch_size is None:
-        opts.batch_size = 16 if opts.program == "draft" else 8
+        opts.batch_size = {"draft": 16, "teacher": 8, "online": 8}[opts.program]
     for name in ("batch_size", "seq_len", "num_features"):
         if getattr(opts, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
         from tools import _tpu_report as rep
-        row = rep.draft_report(opts) if opts.program == "draft" else rep.teacher_report(opts)
+        if opts.program == "online":
+            from tools._tpu_online import online_report
+            row = online_report(opts)
+        else:
+            row = rep.draft_report(opts) if opts.program == "draft" else rep.teacher_report(opts)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
