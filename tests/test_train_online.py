@@ -37,9 +37,9 @@ def raw_data(tmp_path_factory):
 
 
 def _online_cfg(data, out, **kw) -> TrainConfig:
-    return TrainConfig.tiny(teacher="tiny", data=str(data), out=str(out), seq_len=SEQ_LEN,
-                            max_seqs=N_SEQS, teacher_dtype="float32", steps=STEPS,
-                            save_every=SAVE_EVERY, eval_fraction=0.1, **kw)
+    base = dict(teacher="tiny", data=str(data), out=str(out), seq_len=SEQ_LEN, max_seqs=N_SEQS,
+                teacher_dtype="float32", steps=STEPS, save_every=SAVE_EVERY, eval_fraction=0.1)
+    return TrainConfig.tiny(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +172,40 @@ def test_cache_path_does_not_import_easydel():
                        timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
+
+
+def test_dump_plan_counts_and_refuses_before_writing(raw_data, tmp_path, monkeypatch, capsys):
+    """--plan counts what the online run trains on (the same rows); a dump whose cache cannot
+    fit the free space is refused in one line before anything is written or loaded."""
+    from pipeline import teacher_dump
+    from pipeline.cache.format import record_nbytes
+    from pipeline.dump import plan as dump_plan
+    from pipeline.dump.sources import default_sequences, teacher_info
+    from train.online import dump_config
+    from train.tokens import TokenSequences
+
+    out = tmp_path / "cache"
+    args = ["--model", "tiny", "--data", str(raw_data), "--seq-len", str(SEQ_LEN), "--out",
+            str(out), "--no-progress"]
+    assert teacher_dump.main(args + ["--plan"]) == 0
+    printed = capsys.readouterr()
+    p = json.loads(printed.out.strip().splitlines()[-1])
+    cfg = dump_config(_online_cfg(raw_data, tmp_path / "r", max_seqs=None))
+    info = teacher_info(cfg)
+    from pipeline.dump.run import build_manifest
+    manifest = build_manifest(cfg, info)
+    n = len(TokenSequences.build(default_sequences(cfg, info), manifest))
+    assert p["sequences"] == n and p["tokens"] == n * SEQ_LEN
+    assert p["bytes"] == n * record_nbytes(SEQ_LEN, manifest.feature_dim) and p["fits"] is True
+    assert "sequences" in printed.err and "fits" in printed.err and not out.exists()
+
+    real = dump_plan.shutil.disk_usage
+    monkeypatch.setattr(dump_plan.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=p["bytes"] // 2))
+    assert teacher_dump.main(args) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "will not fit" in err[0] and "--max-seqs" in err[0]
+    assert "train.main --teacher" in err[0] and not out.exists()
+    fit = int(err[0].split("--max-seqs ")[1].split()[0])
+    assert 0 < fit < n  # the suggested count fits the free space
+    assert fit * record_nbytes(SEQ_LEN, manifest.feature_dim) <= p["bytes"] // 2
