@@ -18,10 +18,16 @@ import numpy as np
 import pytest
 
 import model
-from pipeline.dump.run import DumpConfig, run_dump
+from pipeline import teacher_dump
+from pipeline.cache.format import record_nbytes
+from pipeline.dump import plan as dump_plan
+from pipeline.dump.run import DumpConfig, build_manifest, run_dump
+from pipeline.dump.sources import default_sequences, teacher_info
 from pipeline.errors import UserError
 from train.config import TrainConfig
 from train.loop import train
+from train.online import dump_config
+from train.tokens import TokenSequences
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN, N_SEQS, STEPS, SAVE_EVERY = 64, 24, 6, 2
@@ -177,13 +183,6 @@ def test_cache_path_does_not_import_easydel():
 def test_dump_plan_counts_and_refuses_before_writing(raw_data, tmp_path, monkeypatch, capsys):
     """--plan counts what the online run trains on (the same rows); a dump whose cache cannot
     fit the free space is refused in one line before anything is written or loaded."""
-    from pipeline import teacher_dump
-    from pipeline.cache.format import record_nbytes
-    from pipeline.dump import plan as dump_plan
-    from pipeline.dump.sources import default_sequences, teacher_info
-    from train.online import dump_config
-    from train.tokens import TokenSequences
-
     out = tmp_path / "cache"
     args = ["--model", "tiny", "--data", str(raw_data), "--seq-len", str(SEQ_LEN), "--out",
             str(out), "--no-progress"]
@@ -192,7 +191,6 @@ def test_dump_plan_counts_and_refuses_before_writing(raw_data, tmp_path, monkeyp
     p = json.loads(printed.out.strip().splitlines()[-1])
     cfg = dump_config(_online_cfg(raw_data, tmp_path / "r", max_seqs=None))
     info = teacher_info(cfg)
-    from pipeline.dump.run import build_manifest
     manifest = build_manifest(cfg, info)
     n = len(TokenSequences.build(default_sequences(cfg, info), manifest))
     assert p["sequences"] == n and p["tokens"] == n * SEQ_LEN

@@ -13,9 +13,20 @@ from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from model.config import DraftConfig, build_target_layer_ids
 from pipeline.errors import UserError
+from pipeline.teacher.easydel_teacher import _forward
+from pipeline.teacher.jax_setup import parse_axis_dims
+from tools._tpu_report import _peak, _xla_flops, memory_row, oom_row, teacher_hf_config
+from tools._tpu_teacher import build_abstract
+from tools.bench_gpu_step import flop_count
+from train import aot
+from train.config import TrainConfig
+from train.online import TeacherFeatures, shared_mesh
 
 
 def _active_params(hf: dict) -> float:
@@ -29,19 +40,6 @@ def _active_params(hf: dict) -> float:
 
 
 def online_report(opts) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from model.config import DraftConfig, build_target_layer_ids
-    from pipeline.teacher.easydel_teacher import _forward
-    from pipeline.teacher.jax_setup import parse_axis_dims
-    from tools._tpu_report import _peak, _xla_flops, memory_row, oom_row, teacher_hf_config
-    from tools._tpu_teacher import build_abstract
-    from tools.bench_gpu_step import flop_count
-    from train import aot, memory
-    from train.config import TrainConfig
-    from train.online import TeacherFeatures, shared_mesh
-
     devices = aot.topology_devices(opts.topology)
     hf = teacher_hf_config(opts.teacher)
     try:

@@ -17,7 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 from tools._bench_common import report
+from train import aot
+from train.config import TrainConfig
+from train.loader import make_dataset, num_anchors_for, to_global
+from train.loop import draft_config_for
+from train.online import Lookahead, TOKEN_KEYS, open_online
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +42,6 @@ def _once(fn) -> float:
 
 def bench(steps: int, seq_len: int, batch: int, draft_layers: int, anchors: int,
           repeat: int) -> dict:
-    import jax
-
-    from train import aot
-    from train.config import TrainConfig
-    from train.loader import make_dataset, num_anchors_for, to_global
-    from train.loop import draft_config_for
-    from train.online import Lookahead, TOKEN_KEYS, open_online
-
     data = Path(tempfile.mkdtemp(prefix="bench_online_"))
     for f in sorted((ROOT / "model").glob("*.py")) + sorted((ROOT / "train").glob("*.py")):
         (data / f.name).write_bytes(f.read_bytes())
