@@ -196,6 +196,7 @@ def test_dump_plan_counts_and_refuses_before_writing(raw_data, tmp_path, monkeyp
     assert p["sequences"] == n and p["tokens"] == n * SEQ_LEN
     assert p["bytes"] == n * record_nbytes(SEQ_LEN, manifest.feature_dim) and p["fits"] is True
     assert "sequences" in printed.err and "fits" in printed.err and not out.exists()
+    assert dump_plan.sequences_bound(str(raw_data), SEQ_LEN) >= n  # the guard's shortcut
 
     real = dump_plan.shutil.disk_usage
     monkeypatch.setattr(dump_plan.shutil, "disk_usage",
