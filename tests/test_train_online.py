@@ -141,6 +141,7 @@ def test_online_resume_after_kill9_at_random_moments(raw_data, online_run, tmp_p
         [r["loss"] for _, r in sorted(_rows(ref_out).items())]
 
 
+@pytest.mark.slow
 def test_preflight_refuses_in_one_line_naming_flags(raw_data, tmp_path):
     """Host memory the teacher, the tokens and the step cannot fit in: refused before anything
     is written, naming the online flags."""
