@@ -209,3 +209,21 @@ def test_dump_plan_counts_and_refuses_before_writing(raw_data, tmp_path, monkeyp
     fit = int(err[0].split("--max-seqs ")[1].split()[0])
     assert 0 < fit < n  # the suggested count fits the free space
     assert fit * record_nbytes(SEQ_LEN, manifest.feature_dim) <= p["bytes"] // 2
+
+
+def test_run_started_before_the_online_fields_resumes(tmp_path):
+    """run.json written before the online fields existed: a cache run resumes (they took their
+    defaults); changing one of them is still refused."""
+    from train.loop import _check_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = TrainConfig.tiny(data=str(tmp_path / "cache"), out=str(out))
+    _check_run_dir(out, cfg, {"teacher": {"path": "a"}})
+    run = json.loads((out / "run.json").read_text())
+    for k in ("teacher", "seq_len", "max_seqs", "teacher_layers", "teacher_dtype", "teacher_mesh"):
+        del run["train"][k]
+    (out / "run.json").write_text(json.dumps(run))
+    _check_run_dir(out, cfg, {"teacher": {"path": "a"}})
+    with pytest.raises(UserError, match="seq_len"):
+        _check_run_dir(out, cfg.replace(seq_len=128), {"teacher": {"path": "a"}})

@@ -81,6 +81,10 @@ def _check_run_dir(out: Path, cfg: TrainConfig, identity: dict, create: bool = T
             "cache": identity}
     if path.exists():
         old = json.loads(path.read_text())
+        # a field added since the run began (e.g. the online ones): that run used its default
+        added = {k: v for k, v in TrainConfig().to_dict().items()
+                 if k in mine["train"] and k not in old["train"]}
+        old["train"] = {**json.loads(json.dumps(added)), **old["train"]}
         if "content" in old["cache"] and old["cache"]["content"] != identity.get("content"):
             raise UserError(f"--data {cfg.data} holds other data than the cache {out} was "
                             "trained on (content fingerprint differs: same shapes, different "
