@@ -218,8 +218,9 @@ def train(cfg: TrainConfig, devices=None) -> dict:
     step_fn, batch_sh, batch_abs = prog.step_fn, prog.batch_sh, prog.batch
     compiled = aot.compile_or_refuse(prog, cfg)  # a TPU compile refuses an HBM overflow
     if online:  # adds the teacher forward; refuses naming the online flags
-        estimate, _ = online.estimate_memory(cfg, prog, compiled, lambda c, b, loader: _estimate_memory(
-            cfg, manifest, mesh, c, abstract, batch_abs, batch_bytes=b, loader=loader))
+        estimate, _ = online.estimate_memory(
+            cfg, prog, compiled, lambda c, b, loader: _estimate_memory(
+                cfg, manifest, mesh, c, abstract, batch_abs, batch_bytes=b, loader=loader))
     else:
         estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs)
     memory.check_fits(estimate, cfg)
