@@ -6,7 +6,8 @@ teacher forward alone plus the draft step alone, in one run, with the tiny teach
 
 All three use the trainer's own programs (train.online.TeacherFeatures, train.aot's step) over
 the same pre-tokenized batches already held on the host (the loader is not timed), dispatch
-asynchronously and block once at the end. Goal (issue 21): online <= 1.10 x (teacher + draft).
+asynchronously and block once at the end; the three are timed in turn, `--repeat` times
+(interleaved, so a load change on a shared host affects all three alike), medians reported. Goal (issue 21): online <= 1.10 x (teacher + draft).
 Prints a table and one `BENCH_JSON {...}` line.
 """
 from __future__ import annotations
@@ -27,11 +28,6 @@ from train.loop import draft_config_for
 from train.online import Lookahead, TOKEN_KEYS, open_online
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _timed(fn, repeat: int) -> float:
-    fn()  # compile / warm up
-    return statistics.median(_once(fn) for _ in range(repeat))
 
 
 def _once(fn) -> float:
@@ -96,9 +92,14 @@ def bench(steps: int, seq_len: int, batch: int, draft_layers: int, anchors: int,
         jax.block_until_ready((s, metrics))
         box["state"] = s
 
-    t_teacher = _timed(teacher_alone, repeat)
-    t_draft = _timed(draft_alone, repeat)
-    t_online = _timed(online, repeat)
+    runs = {"teacher": teacher_alone, "draft": draft_alone, "online": online}
+    for fn in runs.values():
+        fn()  # compile / warm up
+    times = {k: [] for k in runs}
+    for _ in range(repeat):  # interleaved: a load change on a shared host hits all three alike
+        for k, fn in runs.items():
+            times[k].append(_once(fn))
+    t_teacher, t_draft, t_online = (statistics.median(times[k]) for k in runs)
     per = lambda t: round(t / steps * 1e3, 2)  # noqa: E731
     return {"teacher_ms_per_step": per(t_teacher), "draft_ms_per_step": per(t_draft),
             "online_ms_per_step": per(t_online),
