@@ -7,8 +7,8 @@ teacher forward alone plus the draft step alone, in one run, with the tiny teach
 All three use the trainer's own programs (train.online.TeacherFeatures, train.aot's step) over
 the same pre-tokenized batches already held on the host (the loader is not timed), dispatch
 asynchronously and block once at the end; the three are timed in turn, `--repeat` times
-(interleaved, so a load change on a shared host affects all three alike), medians reported. Goal (issue 21): online <= 1.10 x (teacher + draft).
-Prints a table and one `BENCH_JSON {...}` line.
+(interleaved, so a load change on a shared host affects all three alike), medians reported.
+Goal (issue 21): online <= 1.10 x (teacher + draft). Prints a table and one `BENCH_JSON {...}` line.
 """
 from __future__ import annotations
 
