@@ -4,9 +4,10 @@ tools._tpu_teacher builds it, on its mesh) and the trainer's draft step (train.a
 laid over the same devices (train.online.shared_mesh), the features handed from one to the
 other in the step's batch sharding (train.online.TeacherFeatures: the trainer's own program).
 
-Per chip, the total is what the trainer's pre-flight counts (train.online.OnlineSource
-.estimate_memory): the draft step (arguments, outputs, temporaries, code, the next batch) plus
-the compiled teacher forward (its weights, temporaries and features). The step-time estimate is
+Per chip, the total is what the trainer's pre-flight counts (train.online.online_device_bytes):
+the larger of the teacher phase (the forward's weights, temporaries and features + the draft
+step's arguments) and the draft phase (the step with the next batch + the teacher's weights and
+features); the programs run one after the other, so their temporaries never coexist. The step-time estimate is
 model FLOPs (teacher forward 2 x active params x tokens + the draft step's) at the chips' peak.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tools._tpu_teacher import build_abstract
 from tools.bench_gpu_step import flop_count
 from train import aot
 from train.config import TrainConfig
-from train.online import TeacherFeatures, shared_mesh
+from train.online import TeacherFeatures, online_device_bytes, shared_mesh
 
 
 def _active_params(hf: dict) -> float:
@@ -87,9 +88,8 @@ def online_report(opts) -> dict:
     seconds = time.perf_counter() - t0
     total = None
     if all(p.get("compile_error") is None for p in parts.values()):
-        # the draft step with the next batch, plus the teacher forward (weights, temporaries,
-        # features): the trainer's pre-flight sum (train.online.OnlineSource.estimate_memory)
-        total = parts["draft"]["total"] + parts["teacher"]["total"]
+        # the trainer's pre-flight figure: the larger of the teacher phase and the draft phase
+        total = online_device_bytes(parts["draft"], parts["teacher"])
     mem = {k: parts["draft"].get(k) for k in ("arguments", "temp", "output", "alias", "code",
                                                "next_batch")}
     mem.update(total=total, hbm=hbm, teacher_total=parts["teacher"].get("total"),

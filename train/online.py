@@ -19,7 +19,8 @@
     it dispatched the step on the current one: both are queued asynchronously, and the host
     waits for neither;
   - memory: the pre-flight adds the compiled teacher forward (its weights, its temporaries and
-    its features) to the step's estimate, and refuses in one line naming the flags to change.
+    its features) to the step's estimate (`online_device_bytes`: the larger of the two phases),
+    and refuses in one line naming the flags to change.
 The teacher's mesh sizes are chosen in one place, `teacher_axis_dims`.
 """
 from __future__ import annotations
@@ -192,9 +193,12 @@ class OnlineSource:
         ids = jax.ShapeDtypeStruct((cfg.batch_size, self.manifest.seq_len), jnp.int32,
                                    sharding=prog.batch_sh["input_ids"])
         try:
-            teacher = memory.compiled_device_bytes(self.features.compile(ids))
+            t = _analysis(self.features.compile(ids))
         except aot.DoesNotFit as e:
             raise UserError(refusal(cfg, f"the teacher forward alone {e}")) from None
+        d = _analysis(compiled_step, prog.batch_device_bytes())
+        peak = online_device_bytes(d, t)
+        teacher = peak - d["total"]  # what online adds to the cache trainer's step
         token_rec = self.manifest.seq_len * 5  # int32 id + uint8 mask
         pc = jax.process_count()
         loader = ((cfg.prefetch + cfg.read_threads) * token_rec
@@ -202,8 +206,9 @@ class OnlineSource:
         est = loader_estimate(compiled_step, prog.batch_device_bytes() + teacher, loader)
         if not est.fits():
             if est.device_limit_bytes is not None and est.step_device_bytes > est.device_limit_bytes:
-                what = (f"needs {est.step_device_bytes / 1e9:.2f} GB per device (teacher forward "
-                        f"{teacher / 1e9:.2f} GB of it), {est.device_limit_bytes / 1e9:.2f} GB free")
+                what = (f"needs {est.step_device_bytes / 1e9:.2f} GB per device (teacher weights "
+                        f"and forward {teacher / 1e9:.2f} GB of it), "
+                        f"{est.device_limit_bytes / 1e9:.2f} GB free")
             else:
                 what = (f"needs {est.host_bytes / 1e9:.2f} GB of host memory (teacher "
                         f"{teacher * est.local_devices / 1e9:.2f} GB, tokens "
@@ -211,6 +216,28 @@ class OnlineSource:
                         f"{est.host_available_bytes / 1e9:.2f} GB available")
             raise UserError(refusal(cfg, f"it {what}"))
         return est, teacher
+
+
+def online_device_bytes(draft: dict, teacher: dict) -> int:
+    """Peak bytes per device of online training, from the two programs' memory analyses
+    ({"arguments", "output", "total"}, `total` as train.memory counts a program; the draft's
+    includes the next batch). The devices run the programs one after the other, so their
+    temporaries never coexist, while each one's arguments stay resident through the other:
+      teacher forward: its weights, temporaries and features + the draft step's arguments
+                       (state, frozen tensors, the batch being trained on);
+      draft step:      the step with the next batch + the teacher's weights and its features.
+    The larger phase is the peak (their plain sum over-counts by the smaller temporaries)."""
+    return max(teacher["total"] + draft["arguments"],
+               draft["total"] + teacher["arguments"] + teacher["output"])
+
+
+def _analysis(compiled, extra: int = 0) -> dict:
+    m = compiled.memory_analysis()
+    total = memory.compiled_device_bytes(compiled) + extra
+    if m is None:  # no analysis on this backend: count every byte as live at once
+        return {"arguments": total, "output": 0, "total": total}
+    return {"arguments": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+            "total": total}
 
 
 def refusal(cfg: TrainConfig, what: str) -> str:
