@@ -4,9 +4,13 @@
     python -m pipeline.teacher_dump --model openai/gpt-oss-20b --data chats.jsonl --shards 64
     python -m pipeline.teacher_dump ... --format tensorstore --kvstore gs://bucket/cache/
     python -m pipeline.teacher_dump ... --distributed     # every host of a TPU pod runs this
+    python -m pipeline.teacher_dump --plan --model openai/gpt-oss-20b --data chats.jsonl
 
 Rerun the same command after an interruption to resume; a finished cache is verified and left
 as it is. `--verify --out DIR` only checks the cache in DIR (pipeline/cache/verify.py).
+`--plan` only says how big the cache will be and whether it fits in --out (sequences, tokens,
+bytes, free space; pipeline/dump/plan.py); a dump that cannot fit is refused before it starts,
+suggesting --max-seqs or online training (`python -m train.main --teacher MODEL --data DATA`).
 Prints one JSON line at the end: {sequences, tokens, bytes, seconds, tokens_per_s, ...}.
 """
 from __future__ import annotations
@@ -78,6 +82,9 @@ def parse_args(argv=None) -> DumpConfig:
         "its cache's format)")
     add("--kvstore", default=None, help="TensorStore data root URL for --format tensorstore, "
         "e.g. gs://bucket/cache/ (default: --out; manifest and ledger stay in --out)")
+    add("--plan", action="store_true", help="only print the number of sequences and tokens, the "
+        "cache size, the free space in --out and whether it fits (tokenizes --data; loads no "
+        "teacher, writes nothing)")
     distributed.add_flags(p)
     a = p.parse_args(argv)
     if a.verify:
@@ -90,7 +97,8 @@ def parse_args(argv=None) -> DumpConfig:
         overwrite=a.overwrite, dtype=a.dtype, commit_every=a.commit_every, block_size=a.block_size,
         queue_batches=a.queue_batches, progress=not a.no_progress, format=a.format,
         kvstore=a.kvstore, coordinator_address=a.coordinator_address,
-        num_processes=a.num_processes, process_id=a.process_id, distributed=a.distributed)
+        num_processes=a.num_processes, process_id=a.process_id, distributed=a.distributed,
+        plan=a.plan)
 
 
 def main(argv=None, *, teacher=None, sequences=None) -> int:

@@ -7,6 +7,8 @@ they fit: the TPU counterpart of the GPU bench, needing no accelerator.
         --topology v5e:2x4 --batch-size 8          # the dump's defaults: mesh, attention
     .venv-tpu/bin/python -m tools.tpu_compile --program regenerate --teacher gpt-oss-20b \\
         --topology v5e:2x4 --batch-size 64                  # decode + prefill, tokens/s roofline
+    .venv-tpu/bin/python -m tools.tpu_compile --program online --topology v5e:2x4 \\
+        --batch-size 2                                      # teacher forward + draft step
 
 Needs libtpu (`make tpu-venv` builds .venv-tpu = .venv + libtpu; the main .venv has none, since
 with libtpu importable every JAX process probes for a TPU). `--program draft` compiles the
@@ -36,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default="v5e:2x4",
                    help="libtpu topology name, e.g. v5e:2x2, v5e:2x4 (v5e-8), v5p:2x2x1 (v5p-8), "
                         "v6e:2x4 (v6e-8) (default: v5e:2x4)")
-    p.add_argument("--program", choices=("draft", "teacher", "regenerate"), default="draft",
+    p.add_argument("--program", choices=("draft", "teacher", "regenerate", "online"), default="draft",
                    help="draft: the trainer's step; teacher: the dump's forward; regenerate: the "
-                        "regeneration decoder's decode step and prefill (tools._tpu_regenerate)")
+                        "regeneration decoder's decode step and prefill (tools._tpu_regenerate); "
+                        "online: teacher forward + draft step, as online training runs them "
+                        "(tools._tpu_online)")
     p.add_argument("--teacher", default="gpt-oss-20b",
                    help="gpt-oss-20b, gpt-oss-120b, tiny, or an HF config.json / snapshot dir")
     p.add_argument("--batch-size", type=int, default=None,
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     opts = build_parser().parse_args(argv)
     if opts.batch_size is None:
-        opts.batch_size = {"draft": 16, "teacher": 8, "regenerate": 256}[opts.program]
+        opts.batch_size = {"draft": 16, "teacher": 8, "regenerate": 256, "online": 8}[opts.program]
     for name in ("batch_size", "seq_len", "num_features"):
         if getattr(opts, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -90,6 +94,9 @@ def main(argv=None) -> int:
         if opts.program == "regenerate":
             from tools import _tpu_regenerate as rep
             row = rep.regenerate_report(opts)
+        elif opts.program == "online":
+            from tools._tpu_online import online_report
+            row = online_report(opts)
         else:
             row = rep.draft_report(opts) if opts.program == "draft" else rep.teacher_report(opts)
     except UserError as e:

@@ -90,6 +90,25 @@ class TrainConfig:
     + candidate selector, model/dflash2.py; the four DFlash2 fields take their defaults)."""
     selector_alpha: float = 1.0
     """DFlash2: weight of the selector's K-way CE in the loss (speculators' selector_loss_alpha)."""
+    # --- online training (train/online.py): the teacher runs in the loop, no cache -----------
+    teacher: str | None = None
+    """Teacher to run inside the training loop (HF snapshot dir, cached repo id, or "tiny"): --data
+    is then raw data as `pipeline.teacher_dump --data` reads it, tokenized into the sequences and
+    loss masks a dump would write, in the same order, and each batch's features are computed on
+    the devices. None = --data is a feature cache (the teacher is never loaded)."""
+    seq_len: int = 3072
+    """Online: tokens per sequence (the dump's --seq-len)."""
+    max_seqs: int | None = None
+    """Online: train on the first this many sequences of --data (the dump's --max-seqs)."""
+    teacher_layers: int = 5
+    """Online: K, the teacher layers whose outputs are the features (build_target_layer_ids(L, K),
+    the dump's --num-layers)."""
+    teacher_dtype: str = "bfloat16"
+    """Online: the teacher's compute dtype (features are rounded to bfloat16, as a cache stores
+    them, whatever it is)."""
+    teacher_mesh: str | None = None
+    """Online: the teacher's EasyDeL mesh sizes dp,fsdp,ep,tp,sp over the same devices as --mesh
+    (default: train/online.py `teacher_axis_dims`)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "block_size", "draft_layers", "anchors_per_seq",
@@ -116,6 +135,11 @@ class TrainConfig:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not (math.isfinite(self.selector_alpha) and self.selector_alpha >= 0):
             raise ValueError(f"selector_alpha must be a finite number >= 0, got {self.selector_alpha}")
+        if self.seq_len < 2 or self.teacher_layers < 1 or (self.max_seqs is not None
+                                                           and self.max_seqs < 1):
+            raise ValueError("seq_len must be >= 2, teacher_layers >= 1 and max_seqs >= 1")
+        if self.teacher_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"teacher_dtype must be bfloat16 or float32, got {self.teacher_dtype}")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype}")
 

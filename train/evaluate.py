@@ -119,7 +119,8 @@ class Evaluator:
                               for mk in self.mask[sl]])
             host = {"input_ids": self.ids[sl], "loss_mask": self.mask[sl],
                     "features": self._features(self.rows[sl]), "tails": tails}
-            batch = {k: jax.make_array_from_process_local_data(self._in_sh[k], v)
+            batch = {k: v if isinstance(v, jax.Array) else  # features computed on the devices
+                     jax.make_array_from_process_local_data(self._in_sh[k], v)
                      for k, v in host.items()}
             out = jax.device_get((self._compiled or self._predict)(params, frozen, batch))
             stats.add(*out)

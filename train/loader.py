@@ -218,7 +218,7 @@ class _Draw:
                "index": np.int64(index), "epoch": np.int64(epoch)}
         if "row" in rec:  # features are read into the batch (_BatchInto)
             out["row"] = rec["row"]
-        else:
+        elif "features" in rec:  # (online training's records are tokens: train/online.py)
             out["features"] = np.asarray(rec["features"])
         return out
 
@@ -321,8 +321,8 @@ def make_dataset(cache, *, global_batch: int,
         ds, prefetch_buffer_size=ahead), pc, batch_fn.pool)
 
 
-def to_global(batch: dict, shardings: dict) -> dict:
+def to_global(batch: dict, shardings: dict, keys=DEVICE_KEYS) -> dict:
     """Per-process numpy batch -> global jax.Arrays laid out by `shardings` (batch over
-    data x fsdp); only the keys the step consumes."""
+    data x fsdp); only `keys` (default: those the step consumes)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
-            for k in DEVICE_KEYS}
+            for k in keys}

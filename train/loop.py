@@ -83,6 +83,10 @@ def _check_run_dir(out: Path, cfg: TrainConfig, identity: dict, create: bool = T
             "cache": identity}
     if path.exists():
         old = json.loads(path.read_text())
+        # a field added since the run began (e.g. the online ones): that run used its default
+        added = {k: v for k, v in TrainConfig().to_dict().items()
+                 if k in mine["train"] and k not in old["train"]}
+        old["train"] = {**json.loads(json.dumps(added)), **old["train"]}
         if "content" in old["cache"] and old["cache"]["content"] != identity.get("content"):
             raise UserError(f"--data {cfg.data} holds other data than the cache {out} was "
                             "trained on (content fingerprint differs: same shapes, different "
@@ -116,19 +120,23 @@ def _write_msgpack(out: Path, dcfg, params) -> None:
 
 
 def _estimate_memory(cfg: TrainConfig, manifest, mesh, compiled, abstract, batch_abs,
-                     evaluator=None, frozen_abs=None):
+                     evaluator=None, frozen_abs=None, batch_bytes=None, loader=None):
     """The step's memory (train/memory.py) for this process: compiled step per local device,
-    loader buffers and save copies, and the held-out evaluation forward's peak."""
+    loader buffers and save copies (online training passes its own batch and loader bytes), and
+    the held-out evaluation forward's peak."""
     evals = (memory.eval_device_bytes(evaluator.compile(abstract["params"], frozen_abs), abstract)
              if evaluator is not None else 0)
     pc = jax.process_count()
     direct = manifest.format == "tensorstore" and manifest.hosts in (1, pc)
-    loader = memory.loader_buffer_bytes(manifest, batch=cfg.batch_size // pc,
-                                        prefetch=cfg.prefetch, read_threads=cfg.read_threads,
-                                        direct=direct)
+    if loader is None:
+        loader = memory.loader_buffer_bytes(manifest, batch=cfg.batch_size // pc,
+                                            prefetch=cfg.prefetch, read_threads=cfg.read_threads,
+                                            direct=direct)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_bytes is None:
+        batch_bytes = memory.tree_bytes(batch_abs) // shards
     return memory.estimate_memory(
-        compiled, batch_device_bytes=memory.tree_bytes(batch_abs) // shards,
+        compiled, batch_device_bytes=batch_bytes,
         local_devices=[d for d in mesh.devices.flat if d.process_index == jax.process_index()],
         loader_bytes=loader, state_bytes=memory.tree_bytes(abstract) // pc,
         params_bytes=memory.tree_bytes(abstract["params"]), limit_gb=cfg.memory_limit_gb,
@@ -192,20 +200,27 @@ def train(cfg: TrainConfig, devices=None) -> dict:
 def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     t_start = time.time()
     out = Path(cfg.out)
-    manifest_object(Path(cfg.data) / "manifest.json")  # JSON but not an object: one line
-    cache = open_training_cache(cfg.data)
-    manifest = cache.manifest
+    online = None  # --teacher: features computed in the loop (train/online.py), no cache
+    if cfg.teacher:
+        from train.online import open_online  # loads easydel: never on the cache path
+        online = open_online(cfg, devices)
+        cache, manifest = online.tokens, online.manifest
+        teacher_path, hf_config, identity = online.teacher_path, online.hf_config, online.identity
+    else:
+        manifest_object(Path(cfg.data) / "manifest.json")  # JSON but not an object: one line
+        cache = open_training_cache(cfg.data)
+        manifest = cache.manifest
+        teacher_path, hf_config = teacher_config(manifest)
+        identity = {"teacher": manifest.teacher, "layer_ids": list(manifest.layer_ids),
+                    "hidden_size": manifest.hidden_size, "dtype": manifest.dtype,
+                    "seq_len": manifest.seq_len, "num_records": manifest.num_records,
+                    "content": cache_fingerprint(cfg.data, manifest)}
     check_block_fits(cfg.block_size, manifest.seq_len)
-    teacher_path, hf_config = teacher_config(manifest)
     dcfg = draft_config_for(cfg, manifest, hf_config)
-    identity = {"teacher": manifest.teacher, "layer_ids": list(manifest.layer_ids),
-                "hidden_size": manifest.hidden_size, "dtype": manifest.dtype,
-                "seq_len": manifest.seq_len, "num_records": manifest.num_records,
-                "content": cache_fingerprint(cfg.data, manifest)}
     _check_run_dir(out, cfg, identity, create=False)
     train_cache, eval_cache, heldout = eval_split(cfg, cache, manifest)
 
-    mesh = make_mesh(cfg.mesh, devices)
+    mesh = online.mesh if online else make_mesh(cfg.mesh, devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % shards:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {shards}")
@@ -219,10 +234,17 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     init, abstract, state_sh, frozen_sh = prog.init, prog.state, prog.state_sh, prog.frozen_sh
     step_fn, batch_sh, batch_abs = prog.step_fn, prog.batch_sh, prog.batch
     compiled = aot.compile_or_refuse(prog, cfg)  # a TPU compile refuses an HBM overflow
-    evaluator = (Evaluator(cfg, dcfg, mesh, eval_cache, heldout, state_sh["params"], frozen_sh)
-                 if len(heldout) else None)  # compiled now: its forward is in the estimate
-    estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs, evaluator,
-                                prog.frozen)
+    evaluator = ((online.evaluator if online else Evaluator)(
+        cfg, dcfg, mesh, eval_cache, heldout, state_sh["params"], frozen_sh)
+        if len(heldout) else None)  # compiled now: its forward is in the estimate
+    if online:  # adds the teacher forward; refuses naming the online flags
+        estimate, _ = online.estimate_memory(
+            cfg, prog, compiled, lambda c, b, loader: _estimate_memory(
+                cfg, manifest, mesh, c, abstract, batch_abs, evaluator, prog.frozen,
+                batch_bytes=b, loader=loader))
+    else:
+        estimate = _estimate_memory(cfg, manifest, mesh, compiled, abstract, batch_abs, evaluator,
+                                    prog.frozen)
     memory.check_fits(estimate, cfg)
     if jax.process_index() == 0:
         counts = model.param_counts(dcfg)  # DFlash2: its codebooks are most of the extra state
@@ -245,6 +267,8 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     data_it = iter(make_dataset(train_cache, global_batch=cfg.batch_size,
                                 anchors_per_seq=cfg.anchors_per_seq, seed=cfg.seed,
                                 read_threads=cfg.read_threads, prefetch=cfg.prefetch))
+    if online:  # device batches with features; the next one's teacher forward runs ahead
+        data_it = online.batches(data_it, batch_sh)
     ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
@@ -266,7 +290,7 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     watch, last_saved = FiniteWatch(), start or None
     try:
         for step in range(start, cfg.steps):
-            batch = to_global(next(data_it), batch_sh)
+            batch = next(data_it) if online else to_global(next(data_it), batch_sh)
             state, metrics = step_fn(state, frozen, batch)
             watch.add(step + 1, metrics)
             n_run += 1

@@ -16,6 +16,12 @@ Before the first step the compiled step's memory is estimated (train/memory.py, 
 step with a non-finite loss, gradient or update stops the run (exit 2), keeping the last good
 checkpoint.
 
+Online training (train/online.py): `--teacher MODEL --data RAW` runs the teacher inside the loop
+on the devices and trains on its features as they are computed, with no cache; everything else
+(flags, checkpoints, held-out evaluation, export) is the same. Use it when the cache would not
+fit (`python -m pipeline.teacher_dump --plan` says); a cache pays the teacher once, online pays
+it every epoch (README, "Cache or online?").
+
 Several hosts (JAX multi-controller): every host runs the same command with
 `--coordinator-address host0:port --num-processes P --process-id p`, or `--distributed` on a TPU
 pod; each reads only its own rows of the cache and the global batch spans all of them.
@@ -33,7 +39,9 @@ from train.config import TrainConfig
 from pipeline.preempt import PREEMPTED_EXIT, Preempted
 
 _HELP = {
-    "data": "feature cache directory (manifest.json + shards) from pipeline.teacher_dump",
+    "data": "feature cache directory (manifest.json + shards) from pipeline.teacher_dump; with "
+            "--teacher: raw data as teacher_dump --data reads it (text/.py files, dir, glob, "
+            "jsonl, parquet, saved dataset)",
     "out": "run directory: checkpoints, metrics.jsonl, tb/, draft_params.msgpack, export/",
     "steps": "optimizer steps of the whole run (the cosine schedule spans them)",
     "batch_size": "global batch in sequences (divisible by data x fsdp)",
@@ -55,6 +63,14 @@ _HELP = {
     "arch": "draft architecture: dflash, or dflash2 (+ local convolutions and candidate "
             "selector)",
     "selector_alpha": "dflash2: weight of the selector's cross-entropy in the loss",
+    "teacher": "online training: run this teacher (HF snapshot dir, cached repo id or 'tiny') "
+               "in the loop on raw --data instead of reading a cache",
+    "seq_len": "online: tokens per sequence (teacher_dump --seq-len)",
+    "max_seqs": "online: use the first this many sequences of --data (teacher_dump --max-seqs)",
+    "teacher_layers": "online: K teacher layers as features (teacher_dump --num-layers)",
+    "teacher_dtype": "online: teacher compute dtype, bfloat16 or float32",
+    "teacher_mesh": "online: teacher mesh sizes dp,fsdp,ep,tp,sp over the same devices "
+                    "(default: sized to the devices)",
 }
 _TYPES = {"int": int, "float": float, "str": str}
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.cache.format import BF16, DEFAULT_FORMAT, FORMATS, CacheManifest
 from pipeline.cache.prepare import existing_format
+from pipeline.dump import plan as dump_plan
 from pipeline.dump.sources import (TeacherInfo, check_attention_length, default_sequences,
                                    load_teacher, teacher_attention, teacher_info)
 from pipeline.distributed import process_group
@@ -68,6 +69,7 @@ class DumpConfig:
     num_processes: int | None = None
     process_id: int | None = None
     distributed: bool = False  # jax.distributed.initialize() from the cluster (TPU pod) environment
+    plan: bool = False  # only report the cache's size and whether it fits (pipeline/dump/plan.py)
 
     def validate(self) -> None:
         for name in ("shards", "seq_len", "batch_size", "num_layers", "commit_every",
@@ -141,6 +143,17 @@ def build_manifest(config: DumpConfig, info: TeacherInfo) -> CacheManifest:
         settings=settings, format=resolve_format(config), kvstore=config.kvstore)
 
 
+def _complete(config: DumpConfig) -> bool:
+    """A finished cache in --out (a rerun only verifies it: nothing to size)."""
+    import json
+
+    path = Path(config.out) / "manifest.json"
+    try:
+        return not config.overwrite and bool(json.loads(path.read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = None,
              log=print) -> dict:
     """Dump (or resume, or recognise as complete) the cache in `config.out`; returns the summary
@@ -149,6 +162,11 @@ def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = N
     t0 = time.perf_counter()
     info = teacher_info(config, teacher)
     manifest = build_manifest(config, info)
+    if config.plan:  # counts the sequences; loads no teacher, writes nothing
+        p = dump_plan.plan(config, manifest, sequences if sequences is not None
+                           else default_sequences(config, info))
+        log(dump_plan.describe(p))
+        return p
     # Peek before touching the disk: empty data must not leave a half-made cache behind.
     seqs = iter(sequences if sequences is not None else default_sequences(config, info))
     first = next(seqs, None)
@@ -162,6 +180,9 @@ def run_dump(config: DumpConfig, *, teacher=None, sequences: Iterable | None = N
     check_attention_length(config, attention, info)
     config = dataclasses.replace(config, attention=attention)
     manifest = dataclasses.replace(manifest, settings={**manifest.settings, "attention": attention})
+    if group.count == 1 and sequences is None and not _complete(config):
+        # a cache that cannot fit is refused before anything is written
+        dump_plan.check_fits(config, manifest, lambda: default_sequences(config, info))
     if group.count > 1:
         return run_host_dump(config, manifest, seqs, teacher, info, group, log, t0)
     return dump_into(config, config.out, manifest, seqs, config.max_seqs, teacher, info, log, t0)

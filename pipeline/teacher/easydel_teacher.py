@@ -103,8 +103,8 @@ class Teacher:
         self.num_layers = int(model.config.num_hidden_layers)
         self.hidden_size = int(model.config.hidden_size)
         self.vocab_size = int(model.config.vocab_size)
-        graphdef, self._state = nnx.split(model)
-        self._jit = jax.jit(functools.partial(_forward, graphdef),
+        self._graphdef, self._state = nnx.split(model)
+        self._jit = jax.jit(functools.partial(_forward, self._graphdef),
                             static_argnames=("layer_ids", "logits_at"))
 
     @classmethod
@@ -180,6 +180,20 @@ class Teacher:
         if not ids:
             raise UserError("no teacher layers selected")
         return self._run(input_ids, attention_mask, ids, None)[0]
+
+    def features_fn(self, layer_ids):
+        """(fn, state): the pure forward `fn(state, input_ids, attention_mask) -> [b, T, K*H]`
+        (what `features` runs) and the weights to pass it, for a caller that jits it into a
+        program of its own (train/online.py). Trace it inside `self.mesh`."""
+        ids = self._check_layers(layer_ids)
+        if not ids:
+            raise UserError("no teacher layers selected")
+
+        def fn(state, input_ids, attention_mask):
+            return _forward(self._graphdef, state, input_ids, attention_mask, layer_ids=ids,
+                            logits_at=None)[0]
+
+        return fn, self._state
 
     def logits(self, input_ids, attention_mask=None) -> jax.Array:
         """[b, T, V] next-token logits at every position."""
