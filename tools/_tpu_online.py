@@ -21,6 +21,7 @@ import numpy as np
 from model.config import DraftConfig, build_target_layer_ids
 from pipeline.errors import UserError
 from pipeline.teacher.easydel_teacher import _forward
+from pipeline.teacher import sharding
 from pipeline.teacher.jax_setup import parse_axis_dims
 from tools._tpu_report import _peak, _xla_flops, memory_row, oom_row, teacher_hf_config
 from tools._tpu_teacher import build_abstract
@@ -51,7 +52,8 @@ def online_report(opts) -> dict:
                           teacher_layers=opts.num_features)
     except ValueError as e:
         raise UserError(str(e)) from None
-    dims = parse_axis_dims(opts.sharding_axis_dims)
+    dims = (parse_axis_dims(opts.sharding_axis_dims) if opts.sharding_axis_dims else
+            sharding.default_axis_dims(len(devices), "tpu", int(hf.get("num_local_experts", 1))))
     if opts.batch_size % dims[0]:
         raise UserError(f"--batch-size {opts.batch_size} is not a multiple of the teacher mesh's "
                         f"dp={dims[0]}")

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from pipeline.dump.run import DumpConfig, build_manifest
 from pipeline.dump.sources import default_sequences, teacher_info
 from pipeline.errors import UserError
-from pipeline.teacher import jax_setup
+from pipeline.teacher import jax_setup, sharding
 from train import aot, memory
 from train.config import TrainConfig
 from train.evaluate import Evaluator
@@ -59,11 +59,12 @@ def dump_config(cfg: TrainConfig) -> DumpConfig:
 
 def teacher_axis_dims(spec: str | None, devices, num_experts: int) -> tuple[int, ...]:
     """The teacher's EasyDeL mesh sizes (dp, fsdp, ep, tp, sp) over `devices`: --teacher-mesh, or
-    the dump's default (pipeline/teacher/jax_setup.default_axis_dims). The one place the online
+    the dump's default (pipeline/teacher/sharding.default_axis_dims: fsdp over every chip, experts
+    sharded, on accelerators). The one place the online
     trainer chooses it."""
     platform = devices[0].platform
     dims = (jax_setup.parse_axis_dims(spec) if spec else
-            jax_setup.default_axis_dims(len(devices), platform, num_experts))
+            sharding.default_axis_dims(len(devices), platform, num_experts))
     try:
         return jax_setup.check_axis_dims(dims, len(devices), platform)
     except UserError as e:
