@@ -61,9 +61,11 @@ def random_records(n: int, seq_len: int, feat_dim: int, vocab: int, seed: int = 
 
 def write_teacher_stub(out: Path, *, hidden: int = 32, layers: int = 4, heads: int = 4,
                        kv_heads: int = 2, vocab: int = 128, seed: int = 0,
-                       extra_tensor: bool = True) -> Path:
+                       extra_tensor: bool = True, complete: bool = False) -> Path:
     """A GPT-OSS-shaped snapshot holding only what the trainer reads (config.json, embedding,
-    LM head, sharded over two files with an index) plus one decoy tensor it must not need."""
+    LM head, sharded over two files with an index) plus one decoy tensor it must not need.
+    complete: every other tensor the config implies too (zeros), for commands that check the
+    snapshot's headers against its config (a dump with a stand-in teacher claiming this path)."""
     from safetensors.numpy import save_file
     import ml_dtypes
 
@@ -86,6 +88,13 @@ def write_teacher_stub(out: Path, *, hidden: int = 32, layers: int = 4, heads: i
     rest = {"lm_head.weight": head}
     if extra_tensor:
         rest["model.layers.0.mlp.router.weight"] = np.zeros((4, hidden), np.float32)
+    if complete:
+        from pipeline.teacher.snapshot_check import expected_tensors
+
+        for name, shape in expected_tensors(cfg).items():
+            shape = shape["dense"] if isinstance(shape, dict) else shape
+            if name not in rest and name != "model.embed_tokens.weight":
+                rest[name] = np.zeros(shape, bf16)
     save_file(rest, str(out / "model-00002-of-00002.safetensors"))
     wmap = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}
     wmap.update({k: "model-00002-of-00002.safetensors" for k in rest})

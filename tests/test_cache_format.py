@@ -56,7 +56,8 @@ def test_record_round_trip_is_exact_and_zero_copy():
 
 
 def test_manifest_json_round_trip_and_derived_fields():
-    parts = (PartInfo(0, 0, "a", 3, 100, 5), PartInfo(1, 0, "b", 2, 90, 6))
+    parts = (PartInfo(0, 0, "shard-00000-of-00002.part-00000.ts", 3, 100, 5),
+             PartInfo(1, 0, "shard-00001-of-00002.part-00000.ts", 2, 90, 6))
     m = _manifest().with_parts(parts, complete=True)
     d = json.loads(json.dumps(m.to_json()))
     assert CacheManifest.from_json(d) == m

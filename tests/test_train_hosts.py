@@ -24,7 +24,7 @@ TRAIN = ["--steps", "10", "--batch-size", "8", "--block-size", "4", "--draft-lay
 def teacher_stub(path):
     """The trainer's teacher stub, with a mask token id inside its vocabulary (the GPT-OSS
     default, 200000, is not)."""
-    stub = write_teacher_stub(path, hidden=32, layers=4, vocab=VOCAB)
+    stub = write_teacher_stub(path, hidden=32, layers=4, vocab=VOCAB, complete=True)
     cfg = json.loads((stub / "config.json").read_text())
     (stub / "config.json").write_text(json.dumps({**cfg, "mask_token_id": VOCAB - 1}))
     return stub
