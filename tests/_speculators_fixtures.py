@@ -90,3 +90,18 @@ def run_oracle(jobs: list[dict], workdir: Path,
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return [dict(np.load(j["out"])) for j in jobs]
+
+
+def case_frozen(case) -> dict:
+    """The frozen embedding and LM head of a parity case's verifier, as the draft step takes them."""
+    v = case["verifier"]
+    return {"embed": jnp.asarray(v["model.embed_tokens.weight"]),
+            "lm_head": jnp.asarray(v["lm_head.weight"])}
+
+
+def case_batch(case) -> dict:
+    """A parity case's inputs and anchors as the draft step's batch."""
+    x = case["inputs"]
+    return {"input_ids": jnp.asarray(x["input_ids"]), "loss_mask": jnp.asarray(x["loss_mask"]),
+            "features": jnp.asarray(x["features"]), "anchors": jnp.asarray(case["anchors"]),
+            "anchor_valid": jnp.asarray(case["valid"])}

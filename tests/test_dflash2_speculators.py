@@ -28,8 +28,8 @@ from model.config import DFlash2Config
 from model.io import load_draft, save_draft, to_hf_state_dict
 from model.speculators_format import VERIFIER_OWNED
 from tests._dflash2_fixtures import moved_params
-from tests._speculators_fixtures import (one_hot_verifier_states, run_oracle, tiny_config,
-                                         write_verifier)
+from tests._speculators_fixtures import (case_batch, case_frozen, one_hot_verifier_states,
+                                         run_oracle, tiny_config, write_verifier)
 from train.anchors import block_labels
 from train.loss import decay_weights
 from train.loss_dflash2 import dflash2_loss
@@ -66,19 +66,6 @@ def case(tmp_path_factory):
                 anchors=anchors, valid=valid, resaved=tmp / "resaved")
 
 
-def _frozen(case):
-    v = case["verifier"]
-    return {"embed": jnp.asarray(v["model.embed_tokens.weight"]),
-            "lm_head": jnp.asarray(v["lm_head.weight"])}
-
-
-def _batch(case):
-    x = case["inputs"]
-    return {"input_ids": jnp.asarray(x["input_ids"]), "loss_mask": jnp.asarray(x["loss_mask"]),
-            "features": jnp.asarray(x["features"]), "anchors": jnp.asarray(case["anchors"]),
-            "anchor_valid": jnp.asarray(case["valid"])}
-
-
 def test_speculators_loads_our_export_and_its_resave_loads_here(case):
     spec, config = case["spec"], case["config"]
     info = json.loads(str(spec["info"]))
@@ -92,7 +79,7 @@ def test_speculators_loads_our_export_and_its_resave_loads_here(case):
 
 
 def test_backbone_hidden_states_match_speculators(case):
-    config, batch, frozen = case["config"], _batch(case), _frozen(case)
+    config, batch, frozen = case["config"], case_batch(case), case_frozen(case)
     blocks = model.block_tokens(config, batch["input_ids"], batch["anchors"])
     emb = model.embed_block(config, frozen["embed"], blocks)
     forward = jax.jit(model.draft_hidden_train, static_argnums=0)
@@ -109,7 +96,7 @@ def test_loss_metrics_and_gradients_match_speculators(case):
     params = jax.tree.map(jnp.asarray, case["params"])
 
     def loss_fn(p):  # train/step.py's loss_fn for --arch dflash2, from the same public pieces
-        batch, frozen = _batch(case), _frozen(case)
+        batch, frozen = case_batch(case), case_frozen(case)
         blocks = model.block_tokens(config, batch["input_ids"], batch["anchors"])
         emb = model.embed_block(config, frozen["embed"], blocks)
         hidden = model.draft_hidden_train(config, p, batch["features"], emb, batch["anchors"])

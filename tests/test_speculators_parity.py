@@ -35,8 +35,8 @@ import pytest
 
 import model
 from model.io import save_draft, to_hf_state_dict
-from tests._speculators_fixtures import (one_hot_verifier_states, random_params, run_oracle,
-                                         tiny_config, write_verifier)
+from tests._speculators_fixtures import (case_batch, case_frozen, one_hot_verifier_states,
+                                         random_params, run_oracle, tiny_config, write_verifier)
 from train.anchors import block_labels
 from train.config import TrainConfig
 from train.loss import decay_weights, dflash_loss
@@ -77,21 +77,8 @@ def case(tmp_path_factory):
                 anchors=anchors, valid=valid, spec={"ours": ours_out, "converted": converted_out})
 
 
-def _frozen(case):
-    v = case["verifier"]
-    return {"embed": jnp.asarray(v["model.embed_tokens.weight"]),
-            "lm_head": jnp.asarray(v["lm_head.weight"])}
-
-
-def _batch(case):
-    x = case["inputs"]
-    return {"input_ids": jnp.asarray(x["input_ids"]), "loss_mask": jnp.asarray(x["loss_mask"]),
-            "features": jnp.asarray(x["features"]), "anchors": jnp.asarray(case["anchors"]),
-            "anchor_valid": jnp.asarray(case["valid"])}
-
-
 def _our_hidden(case):
-    config, batch, frozen = case["config"], _batch(case), _frozen(case)
+    config, batch, frozen = case["config"], case_batch(case), case_frozen(case)
     blocks = model.block_tokens(config, batch["input_ids"], batch["anchors"])
     emb = model.embed_block(config, frozen["embed"], blocks)
     return model.draft_hidden_train(config, case["params"], batch["features"], emb,
@@ -108,7 +95,7 @@ def test_speculators_forward_equals_ours(case, which):
     want = spec["hidden"].reshape(N, bs, -1)
     valid = case["valid"][0]
     assert np.abs(got[valid] - want[valid]).max() <= TOL
-    logits = np.asarray(model.draft_logits(config, hidden, _frozen(case)["lm_head"]))[0]
+    logits = np.asarray(model.draft_logits(config, hidden, case_frozen(case)["lm_head"]))[0]
     assert np.abs(logits[valid] - spec["logits"].reshape(N, bs, -1)[valid]).max() <= TOL
     # The inference form (one block after its context), as served, agrees too.
     feats = case["inputs"]["features"]
@@ -134,7 +121,7 @@ def _our_step_and_grads(case, gamma):
     config = case["config"]
     cfg = TrainConfig(block_size=config.block_size, gamma=gamma, compute_dtype="float32",
                       vocab_chunk=16, token_chunk=8)
-    batch, frozen = _batch(case), _frozen(case)
+    batch, frozen = case_batch(case), case_frozen(case)
     params = jax.tree.map(jnp.asarray, case["params"])
     state = {"params": params, "opt_state": make_optimizer(cfg).init(params),
              "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(0)}

@@ -28,22 +28,28 @@ def _visible_keys(seq_len: int, window: int | None) -> float:
     return window * (window + 1) / 2 + (seq_len - window) * window
 
 
-def forward_flops(hf: dict, batch: int, run_len: int) -> float:
-    """Model FLOPs (2 per multiply-add) of the teacher's features forward at [batch, run_len]."""
+def active_params(hf: dict) -> float:
+    """Parameters one token passes through in the teacher's features forward: q/k/v/o, the
+    router and its k experts' gate/up/down, every layer (no LM head: features only)."""
     h = int(hf["hidden_size"])
     nq, nkv = int(hf["num_attention_heads"]), int(hf["num_key_value_heads"])
     hd = int(hf.get("head_dim") or h // nq)
     inter = int(hf["intermediate_size"])
     experts = int(hf.get("num_local_experts", 1))
     k = int(hf.get("num_experts_per_tok") or hf.get("experts_per_token") or 1)
+    per_layer = h * (nq + 2 * nkv) * hd + nq * hd * h + h * experts + k * 3 * h * inter
+    return float(int(hf["num_hidden_layers"]) * per_layer)
+
+
+def forward_flops(hf: dict, batch: int, run_len: int) -> float:
+    """Model FLOPs (2 per multiply-add) of the teacher's features forward at [batch, run_len]."""
+    h = int(hf["hidden_size"])
+    nq = int(hf["num_attention_heads"])
+    hd = int(hf.get("head_dim") or h // nq)
     layers = int(hf["num_hidden_layers"])
     types = hf.get("layer_types") or ["full_attention"] * layers
     window = hf.get("sliding_window")
-    tokens = batch * run_len
-    per_token = 2 * (h * (nq + 2 * nkv) * hd + nq * hd * h)  # q, k, v, o projections
-    per_token += 2 * h * experts  # router
-    per_token += k * 2 * (2 * h * inter + inter * h)  # gate, up, down of k experts
-    flops = layers * tokens * per_token
+    flops = 2 * active_params(hf) * batch * run_len
     for t in types:  # scores q.k and weighted sum p.v: 2 * 2 * hd per (query head, key)
         keys = _visible_keys(run_len, window if t == "sliding_attention" else None)
         flops += batch * keys * nq * 4 * hd

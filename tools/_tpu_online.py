@@ -23,35 +23,20 @@ from pipeline.errors import UserError
 from pipeline.teacher.easydel_teacher import _forward
 from pipeline.teacher import sharding
 from pipeline.teacher.jax_setup import parse_axis_dims
-from tools._tpu_report import _peak, _xla_flops, memory_row, oom_row, teacher_hf_config
+from tools._tpu_report import (_peak, _xla_flops, memory_row, oom_row, teacher_hf_config,
+                               train_config)
+from tools._teacher_roofline import active_params
 from tools._tpu_teacher import build_abstract
 from tools.bench_gpu_step import flop_count
 from train import aot
-from train.config import TrainConfig
 from train.online import TeacherFeatures, online_device_bytes, shared_mesh
-
-
-def _active_params(hf: dict) -> float:
-    """Parameters a token passes through in the teacher forward (no LM head: features only)."""
-    h, n_layers = int(hf["hidden_size"]), int(hf["num_hidden_layers"])
-    heads, kv, hd = int(hf["num_attention_heads"]), int(hf["num_key_value_heads"]), int(hf["head_dim"])
-    ffn, k = int(hf["intermediate_size"]), int(hf.get("num_experts_per_tok", 1))
-    attn = h * hd * (heads + 2 * kv) + heads * hd * h
-    moe = k * 3 * h * ffn + h * int(hf.get("num_local_experts", 1))  # SwiGLU experts + router
-    return float(n_layers * (attn + moe))
 
 
 def online_report(opts) -> dict:
     devices = aot.topology_devices(opts.topology)
     hf = teacher_hf_config(opts.teacher)
-    try:
-        cfg = TrainConfig(batch_size=opts.batch_size, anchors_per_seq=opts.anchors_per_seq,
-                          block_size=opts.block_size, draft_layers=opts.draft_layers,
-                          mesh=opts.mesh, remat=opts.remat, attention=opts.attention,
-                          progress=False, teacher=opts.teacher, seq_len=opts.seq_len,
-                          teacher_layers=opts.num_features)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    cfg = train_config(opts, teacher=opts.teacher, seq_len=opts.seq_len,
+                       teacher_layers=opts.num_features)
     dims = (parse_axis_dims(opts.sharding_axis_dims) if opts.sharding_axis_dims else
             sharding.default_axis_dims(len(devices), "tpu", int(hf.get("num_local_experts", 1))))
     if opts.batch_size % dims[0]:
@@ -112,7 +97,7 @@ def online_report(opts) -> dict:
                               (cfg.batch_size, n))
     draft_flops = float(flop_count(dcfg, b=cfg.batch_size, seq_len=opts.seq_len,
                                    anchors=anchors, attention="xla")["model_flops"])
-    teacher_flops = 2.0 * _active_params(hf) * cfg.batch_size * opts.seq_len
+    teacher_flops = 2.0 * active_params(hf) * cfg.batch_size * opts.seq_len
     row.update(model_flops=draft_flops + teacher_flops, teacher_model_flops=teacher_flops,
                draft_model_flops=draft_flops)
     if row["peak_flops_total"]:

@@ -112,23 +112,30 @@ def _peak(devices, chip) -> dict:
             "peak_flops_total": chip.peak_bf16_flops * len(devices) if chip else None}
 
 
+def train_config(opts, **extra):
+    """The trainer's TrainConfig from tpu_compile's flags (the trainer's own names), plus
+    `extra` fields; a bad value is one line."""
+    from train.config import TrainConfig
+
+    try:
+        return TrainConfig(batch_size=opts.batch_size, anchors_per_seq=opts.anchors_per_seq,
+                           block_size=opts.block_size, draft_layers=opts.draft_layers,
+                           mesh=opts.mesh, remat=opts.remat, attention=opts.attention,
+                           progress=False, arch=getattr(opts, "arch", "dflash"), **extra)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def draft_report(opts) -> dict:
     """Compile the trainer's step for opts.topology; opts carries the trainer's flags."""
     from model.config import DraftConfig
     from tools.bench_gpu_step import flop_count
     from train import aot, step as step_lib
-    from train.config import TrainConfig
     from train.mesh import make_mesh
 
     devices = aot.topology_devices(opts.topology)
     hf = teacher_hf_config(opts.teacher)
-    try:
-        cfg = TrainConfig(batch_size=opts.batch_size, anchors_per_seq=opts.anchors_per_seq,
-                          block_size=opts.block_size, draft_layers=opts.draft_layers,
-                          mesh=opts.mesh, remat=opts.remat, attention=opts.attention,
-                          progress=False, arch=getattr(opts, "arch", "dflash"))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    cfg = train_config(opts)
     if opts.block_size >= opts.seq_len:
         raise UserError(f"--block-size {opts.block_size} must be below --seq-len {opts.seq_len}")
     dcfg = cfg.with_arch(DraftConfig.from_target(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.paths import inside
+from model.safetensors_io import INDEX_NAME, weight_map
 from pipeline.errors import UserError
 from pipeline.hostmem import host_available_bytes
 
@@ -35,14 +35,9 @@ def read_headers(path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) of every tensor of the snapshot's *.safetensors files, from their
     JSON headers only."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index} is not a valid safetensors index ({e})") from None
-        files = [inside(path, f, index.name) for f in files]
-    else:
+    if (path / INDEX_NAME).is_file():  # its file names are checked to stay inside the snapshot
+        files = sorted({path / f for f in weight_map(path).values()})
+    else:  # not weight_map's safe_open: only the headers are read here, not the tensor bytes
         files = sorted(path.glob("*.safetensors"))
     out = {}
     for f in files:
