@@ -1,8 +1,10 @@
-"""Corrupt caches never reach a training step (issue 11, item 3).
+"""Corrupt caches never reach a saved training step (issue 11, item 3; issue 22, item 8).
 
-Every byte a step consumes is checked before the step uses it: TensorStore parts carry an xxh3_64
-per record (features; input_ids + loss_mask) checked on every read, ArrayRecord records are
-checked by Riegeli's chunk hash; a mismatch is one CacheError line naming the part and the record.
+Every byte a step consumes is checked: TensorStore parts carry an xxh3_64 per record (features;
+input_ids + loss_mask) checked on every read, and feature sums which the trainer's step checks on
+the device instead of hashing the features on the host (tests/test_feature_sums.py; the loader
+path here is the host one, `device_checks=False`); ArrayRecord records are checked by Riegeli's
+chunk hash; a mismatch is one CacheError line naming the part and the record.
 Oracle: the clean cache reads back exactly what was dumped, and each corruption is made by hand
 at a known place (byte flip, deleted chunk file).
 """
@@ -57,11 +59,12 @@ def _part(cache_dir: Path, k: int = 0) -> tuple[Path, int]:
     return Path(cache_dir) / part.file, start
 
 
-def _loader_batches(cache_dir, n_batches=N // 4):
+def _loader_batches(cache_dir, n_batches=N // 4, device_checks=False):
     from train.loader import make_dataset, open_training_cache
     cache = open_training_cache(cache_dir)
     it = iter(make_dataset(cache, global_batch=4, anchors_per_seq=4, seed=0, read_threads=2,
-                           prefetch=4, process_index=0, process_count=1))
+                           prefetch=4, process_index=0, process_count=1,
+                           device_checks=device_checks and cache.manifest.format == "tensorstore"))
     try:
         return [next(it) for _ in range(n_batches)]
     finally:
@@ -74,8 +77,9 @@ def test_clean_caches_read_as_dumped(clean):
         expect = list(fake_sequences(N, T))
         for i in range(N):
             np.testing.assert_array_equal(cache[i]["input_ids"], expect[i][0])
-        batches = _loader_batches(d)  # one epoch: every record checked, none refused
-        assert sorted(int(i) for b in batches for i in b["index"]) == list(range(N)), fmt
+        for device_checks in (False, True):  # one epoch: every record checked, none refused
+            batches = _loader_batches(d, device_checks=device_checks)
+            assert sorted(int(i) for b in batches for i in b["index"]) == list(range(N)), fmt
 
 
 def _expect_one_line(excinfo, part: Path, record: int) -> str:

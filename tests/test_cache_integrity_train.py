@@ -1,6 +1,7 @@
 """The trainer on a corrupt cache: one `error:` line naming the part and the record, exit 2, no
-traceback, whether the read failed in a Grain read thread (ArrayRecord) or in the batch prefetch
-thread (TensorStore features preadv'd into the batch). Issue 11, item 3.
+traceback, whether the read failed in a Grain read thread (ArrayRecord) or the step's check of
+the feature sums found it (TensorStore features preadv'd into the batch, checked on the device).
+Issue 11, item 3; issue 22, item 8.
 """
 import subprocess
 import sys
@@ -65,4 +66,14 @@ def test_trainer_on_a_corrupt_cache_is_one_line(tmp_path, fmt):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(errors) == 1 and str(part) in errors[0] and f"record {record} " in errors[0], errors
-    assert "corrupted" in errors[0] and "nothing was trained on it" in errors[0]
+    assert "corrupted" in errors[0]
+    if fmt == "tensorstore":
+        # checked on the device by the step (feature sums): the run stops before anything
+        # trained on the record is saved or exported
+        assert "do not match the feature sums" in errors[0], errors
+        assert "without saving, evaluating or exporting" in errors[0], errors
+        run = tmp_path / "run"
+        assert not (run / "export").exists() and not list(run.glob("checkpoints/*")), \
+            sorted(p.name for p in run.rglob("*"))
+    else:  # ArrayRecord: riegeli's chunk hash fails the read on the host
+        assert "nothing was trained on it" in errors[0], errors

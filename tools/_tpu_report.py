@@ -143,8 +143,10 @@ def draft_report(opts) -> dict:
         mask_token_id=int(hf["vocab_size"]) - 1, num_features=opts.num_features))
     n = max(1, min(cfg.anchors_per_seq, opts.seq_len - 1))
     mesh = make_mesh(cfg.mesh, devices)
+    # a dump's cache carries feature sums: the step the trainer runs checks them on the device
     prog = aot.step_program(cfg, dcfg, mesh, seq_len=opts.seq_len,
-                            feature_dim=dcfg.num_features * dcfg.hidden_size, num_anchors=n)
+                            feature_dim=dcfg.num_features * dcfg.hidden_size, num_anchors=n,
+                            feature_sums=True)
     with aot.target_backend(prog.platform):
         resolved = step_lib.attention_implementation(cfg)
     t0 = time.perf_counter()

@@ -14,9 +14,11 @@ alternative layout is written, read and deleted in turn, so /dev/shm holds at mo
   grain[tensorstore] the same trainer path over the same sequences dumped as TensorStore parts
                      (the dump's default): features os.preadv'd from the plain chunk files
                      straight into the batch's reused arrays (batch_arrays: how many were
-                     made); [ts read]: TensorStore reading into the batch instead (what the
-                     loader does for other kvstores or sharded parts); [unchecked]: without the
-                     per-record xxh3 checksum check (its cost)
+                     made), their feature sums read for the step to check on the device;
+                     [ts read]: TensorStore reading into the batch instead (what the loader
+                     does for other kvstores or sharded parts); [host-hashed]: the features
+                     xxh3-checked on the host as they land (caches dumped before the feature
+                     sums); [unchecked]: no check of the features at all (what a check costs)
   npz                np.load of one .npz holding features [N, T, F] (the seed's format)
   torch / st         one torch.save / safetensors file per sequence, read in shuffled order and
                      collated into a batch array (np.stack, as DataLoader's default_collate)
@@ -105,13 +107,15 @@ def bench_arrayrecord(cache, threads: int):
     return _row(f"arrayrecord random t={threads}", t0, total, n)
 
 
-def bench_grain(cache, *, batch, threads, prefetch, workers, batches, label="grain"):
+def bench_grain(cache, *, batch, threads, prefetch, workers, batches, label="grain",
+                device_checks=None):
     import grain
 
     from train.loader import make_dataset
 
     ds = make_dataset(cache, global_batch=batch, anchors_per_seq=GPT_OSS_20B["anchors"], seed=0,
-                      read_threads=threads, prefetch=prefetch, process_index=0, process_count=1)
+                      read_threads=threads, prefetch=prefetch, process_index=0, process_count=1,
+                      device_checks=device_checks)
     if workers:  # train.loader wraps Grain's dataset (ProcessDataset) since 18:00: unwrap it
         ds = getattr(ds, "_dataset", ds)
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
@@ -261,17 +265,33 @@ def bench_tensorstore(a, threads, batches) -> list[dict]:
     rows = bench_raw(chunks, a.n, feat_bytes)
     for r in rows:
         r["reader"] += " [tensorstore features chunks]"
-    # the loader's path; the same without its per-record checksum check (what the check costs,
-    # measured back to back); TensorStore's own read (other kvstores)
-    for pread, checked in ((True, True), (True, False), (False, True)):
-        cache.close()
-        cache = open_cache(path)
-        cache.pread_plain_chunks, cache.check_records = pread, checked
-        label = ("grain[tensorstore]" if pread else "grain[ts read]") + ("" if checked else
-                                                                       " unchecked")
-        for t in threads if pread and checked else threads[-1:]:
-            rows.append(bench_grain(cache, batch=a.batch, threads=t, prefetch=a.prefetch,
-                                    workers=0, batches=batches, label=label))
+    # the loader's path (features checked by the step: the loader reads their sums); the same
+    # hashing the features on the host (caches dumped before the sums); with no check at all
+    # (what either check costs, measured back to back); TensorStore's own read (other kvstores)
+    # With --repeat R the three pread variants run R rounds, each round in a rotated order (no
+    # variant always first), and each label keeps its median row.
+    variants = [(True, True, True, ""), (True, True, False, " host-hashed"),
+                (True, False, False, " unchecked")]
+    runs: dict[str, list[dict]] = {}
+    for rnd in range(a.repeat):
+        shift = rnd % len(variants)
+        todo = variants[shift:] + variants[:shift] + ([(False, True, True, "")] if rnd == 0 else [])
+        for pread, checked, on_device, suffix in todo:
+            cache.close()
+            cache = open_cache(path)
+            cache.pread_plain_chunks, cache.check_records = pread, checked
+            label = ("grain[tensorstore]" if pread else "grain[ts read]") + suffix
+            for t in threads if pread and on_device else threads[-1:]:
+                row = bench_grain(cache, batch=a.batch, threads=t, prefetch=a.prefetch,
+                                  workers=0, batches=batches, label=label,
+                                  device_checks=on_device and checked)
+                runs.setdefault(row["reader"], []).append(row)
+    for label, got in runs.items():
+        got.sort(key=lambda r: r["GB_per_s"])
+        row = got[len(got) // 2]
+        if len(got) > 1:
+            row["runs_GB_per_s"] = [round(r["GB_per_s"], 3) for r in got]
+        rows.append(row)
     cache.close()
     if not a.keep:
         shutil.rmtree(path, ignore_errors=True)
@@ -297,6 +317,8 @@ def main(argv=None) -> dict:
                    help="no rows for the same sequences in a `--format tensorstore` cache")
     p.add_argument("--skip-proposals", action="store_true", help="no flat / sub-record rows")
     p.add_argument("--keep", action="store_true", help="keep the cache afterwards")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of the TensorStore check variants, in rotated orders (medians)")
     a = p.parse_args(argv)
     from pipeline.cache import open_cache
 
@@ -335,8 +357,10 @@ def main(argv=None) -> dict:
     if not a.skip_tensorstore:  # written after the ArrayRecord copy is gone
         rows += bench_tensorstore(a, threads, batches)
 
+    # the check variants are not the loader users get: kept out of the best-of figures
     unchecked = [r for r in rows if "unchecked" in r["reader"]]
-    by = {r["reader"]: r["GB_per_s"] for r in rows if r not in unchecked}
+    hashed = [r for r in rows if "host-hashed" in r["reader"]]
+    by = {r["reader"]: r["GB_per_s"] for r in rows if r not in unchecked and r not in hashed}
     # the best raw read of either copy of the bytes (ArrayRecord files, TensorStore chunk files)
     raw = max(v for k, v in by.items() if k.startswith("raw"))
     ours = max(v for k, v in by.items() if k.startswith("grain"))
@@ -353,6 +377,7 @@ def main(argv=None) -> dict:
         "best_grain_tensorstore_GB_per_s": best("grain[tensorstore]"),
         "best_grain_ts_read_GB_per_s": best("grain[ts read]"),
         "tensorstore_unchecked_GB_per_s": unchecked[0]["GB_per_s"] if unchecked else None,
+        "tensorstore_host_hashed_GB_per_s": hashed[0]["GB_per_s"] if hashed else None,
         "flat_preadv_GB_per_s": flat,
         "subrecords_GB_per_s": sub, "raw_GB_per_s": raw, "grain_x_raw": ours / raw,
         "grain_x_per_sample": None if per_sample is None else ours / per_sample,

@@ -176,9 +176,10 @@ def _abstract(tree, shardings):
 
 
 def step_program(cfg: TrainConfig, dcfg, mesh, *, seq_len: int, feature_dim: int,
-                 num_anchors: int) -> StepProgram:
+                 num_anchors: int, feature_sums: bool = False) -> StepProgram:
     """train.step's jitted step over `mesh`, with the state, frozen tensors and the batch the
-    loader yields (train/loader.py `_Draw`) as sharded ShapeDtypeStructs."""
+    loader yields (train/loader.py `_Draw`) as sharded ShapeDtypeStructs; `feature_sums`: the
+    batch carries each sequence's feature sums and the step checks them (a cache's default)."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % shards:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {shards}")
@@ -189,15 +190,17 @@ def step_program(cfg: TrainConfig, dcfg, mesh, *, seq_len: int, feature_dim: int
     init = functools.partial(step_lib.init_state, cfg, dcfg)
     state_abs = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
     state_sh = step_lib.state_shardings(cfg, dcfg, mesh, state_abs)
-    batch_sh = step_lib.batch_shardings(mesh)
+    batch_sh = step_lib.batch_shardings(mesh, feature_sums)
     b = cfg.batch_size
     shapes = {"input_ids": ((b, seq_len), jnp.int32), "loss_mask": ((b, seq_len), jnp.uint8),
               "features": ((b, seq_len, feature_dim), jnp.bfloat16),
               "anchors": ((b, num_anchors), jnp.int32), "anchor_valid": ((b, num_anchors), jnp.bool_)}
+    if feature_sums:
+        shapes["feature_sums"] = ((b, 2), jnp.uint32)
     batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=batch_sh[k]) for k, (s, dt) in shapes.items()}
     platform = mesh.devices.flat[0].platform
     with target_backend(platform):
-        step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh)
+        step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh, feature_sums)
     return StepProgram(step_fn=step_fn, init=init, platform=platform,
                        state=_abstract(state_abs, state_sh), frozen=_abstract(frozen_abs, frozen_sh),
                        batch=batch, state_sh=state_sh, frozen_sh=frozen_sh, batch_sh=batch_sh,

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from pipeline.cache.format import CacheError
 from pipeline.errors import UserError
 
 _VIRTUAL_FS = ("/proc", "/sys")  # kernel views: writes there are not files (/dev/shm is fine)
@@ -103,25 +104,46 @@ def cache_fingerprint(data_dir, manifest) -> str:
     return hashlib.sha256(_parts_digest(top) + joined).hexdigest()
 
 
+class CorruptFeaturesError(CacheError):
+    """A step's features did not match the feature sums the dump wrote."""
+
+
 class FiniteWatch:
-    """Collects each step's on-device finiteness flag without waiting for it; `check()` (at log
-    and save points, which sync anyway) raises for the first non-finite step since the last."""
+    """Collects each step's on-device flags without waiting for them: finiteness, and with a
+    cache's feature sums which rows' features matched them. `check()` (at log, eval and save
+    points, which sync anyway) raises for the first bad step since the last, so nothing trained
+    on it is ever saved, evaluated or exported."""
 
-    def __init__(self):
+    def __init__(self, directory=None, describe=None):
+        """`describe(record) -> str` names a cache record in the error (the reader's)."""
         self._pending: list = []
+        self._directory, self._describe = directory, describe or (lambda i: f"cache record {i}")
 
-    def add(self, step: int, metrics: dict) -> None:
-        self._pending.append((step, metrics["finite"], metrics["loss"], metrics["grad_norm"]))
+    def add(self, step: int, metrics: dict, records=None) -> None:
+        """`records`: this process's sequence indices of the step's batch rows (for the error)."""
+        self._pending.append((step, metrics["finite"], metrics["loss"], metrics["grad_norm"],
+                              metrics.get("features_ok"), records))
 
     def check(self, last_saved: int | None) -> None:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        flags = jax.device_get([p[1] for p in pending])
-        for (step, _, loss, gnorm), ok in zip(pending, flags):
+        flags = jax.device_get([(p[1], p[4]) for p in pending])
+        for (step, _, loss, gnorm, _, records), (ok, rows_ok) in zip(pending, flags):
+            kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved
+                    else "no checkpoint was saved")
+            if rows_ok is not None and not np.all(rows_ok):
+                bad = np.flatnonzero(~np.asarray(rows_ok))
+                what = ("; ".join(self._describe(int(records[r])) for r in bad[:4])
+                        if records is not None and len(records) == len(rows_ok)
+                        else f"batch row(s) {', '.join(map(str, bad[:8]))}")
+                raise CorruptFeaturesError(
+                    f"step {step}: {what} is corrupted: its features do not match the feature "
+                    f"sums written by the dump; stopped without saving, evaluating or exporting "
+                    f"anything trained on it, {kept}. Check the cache "
+                    f"with `python -m pipeline.cache.verify {self._directory or '<cache dir>'}` "
+                    "and re-dump the bad parts")
             if not bool(ok):
-                kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved
-                        else "no checkpoint was saved")
                 raise NonFiniteError(
                     f"step {step}: non-finite loss, gradient or update (loss {float(loss)}, "
                     f"grad norm {float(gnorm)}); stopped without saving or exporting it, {kept}; "

@@ -50,9 +50,6 @@ from pipeline.cache.format import BF16
 from pipeline.errors import UserError
 from train.anchors import draw_anchors
 
-# What the device step consumes; everything else in an element is for tests and logs.
-DEVICE_KEYS = ("input_ids", "loss_mask", "features", "anchors", "anchor_valid")
-
 
 def open_training_cache(data_dir: str | Path):
     """The cache reader (`pipeline.cache.open_cache`: ArrayRecord, TensorStore or multi-process);
@@ -101,17 +98,28 @@ def _reads_into_batch(reader) -> bool:
     return callable(getattr(reader, "read_features_into", None))
 
 
-class _TokensOnly:
-    """A direct-read source's records without features: ids, mask and the row to read later."""
+def features_checked_on_device(reader) -> bool:
+    """Whether the step checks this cache's features (pipeline/cache/feature_sums.py): its
+    reader reads into batches and every part stores feature sums. Then the loader skips the
+    host hash of the features and the batch carries their sums; otherwise (older dumps,
+    ArrayRecord parts) the features are checked on the host as they are read."""
+    return _reads_into_batch(reader) and bool(getattr(reader, "has_feature_sums", bool)())
 
-    def __init__(self, reader):
-        self._reader = reader
+
+class _TokensOnly:
+    """A direct-read source's records without features: ids, mask and the row to read later
+    (and with `feature_sums` the features' sums, read here in Grain's read threads)."""
+
+    def __init__(self, reader, feature_sums: bool = False):
+        self._reader, self._sums = reader, feature_sums
 
     def __len__(self) -> int:
         return len(self._reader)
 
     def __getitem__(self, i) -> dict:
-        return dict(self._reader.read_tokens(int(i)), row=int(i))
+        rec = (self._reader.read_tokens(int(i), feature_sums=True) if self._sums
+               else self._reader.read_tokens(int(i)))
+        return dict(rec, row=int(i))
 
 
 class _BufferPool:
@@ -172,13 +180,14 @@ class _BatchInto:
     features into one [B, T, F] array (the reads issued together, then awaited), taken from a
     pool of `keep` arrays reused once their batch is released (`_BufferPool`)."""
 
-    def __init__(self, reader, keep: int):
-        self._reader = reader
+    def __init__(self, reader, keep: int, device_checks: bool = False):
+        self._reader, self._device_checks = reader, device_checks
         self.pool = _BufferPool((reader.manifest.seq_len, reader.manifest.feature_dim), keep)
 
     def __call__(self, elements) -> dict:
         features = self.pool.take(len(elements))
-        futures = [self._reader.read_features_into(int(e["row"]), features[j])
+        check_here = not self._device_checks  # else the step checks the feature sums
+        futures = [self._reader.read_features_into(int(e["row"]), features[j], check_here)
                    for j, e in enumerate(elements)]
         batch = {k: np.stack([e[k] for e in elements]) for k in elements[0] if k != "row"}
         for f in futures:
@@ -218,6 +227,8 @@ class _Draw:
                "index": np.int64(index), "epoch": np.int64(epoch)}
         if "row" in rec:  # features are read into the batch (_BatchInto)
             out["row"] = rec["row"]
+            if "feature_sums" in rec:  # checked by the step against the features
+                out["feature_sums"] = rec["feature_sums"]
         elif "features" in rec:  # (online training's records are tokens: train/online.py)
             out["features"] = np.asarray(rec["features"])
         return out
@@ -282,8 +293,11 @@ class ProcessIterator:
 
 def make_dataset(cache, *, global_batch: int,
                  anchors_per_seq: int, seed: int, read_threads: int = 8, prefetch: int = 64,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None,
+                 device_checks: bool | None = None):
     """The infinite per-process batch stream (numpy dicts, leading dim global/processes).
+    `device_checks` (default: `features_checked_on_device(cache)`): batches carry the feature
+    sums the step checks, and the features are not hashed on the host.
 
     Call `iter(...)` on it; the iterator's get_state/set_state is what the checkpoint stores.
     """
@@ -300,7 +314,12 @@ def make_dataset(cache, *, global_batch: int,
     else:
         reader, index_of, seed_p, stride = cache, None, seed % 2**32, pc
     direct = _reads_into_batch(reader)
-    source = _Indexed(_TokensOnly(reader) if direct else _records(reader), index_of)
+    if device_checks is None:
+        device_checks = features_checked_on_device(reader)
+    if device_checks and not direct:
+        raise ValueError("device checks need a reader that reads features into batches")
+    source = _Indexed(_TokensOnly(reader, device_checks) if direct else _records(reader),
+                      index_of)
     n = len(source)
     ds = grain.MapDataset.source(source).shuffle(seed=seed_p).repeat(None)
     ds = ds.map_with_index(lambda i, item: (i // n, item))  # epoch of each stream position
@@ -314,15 +333,15 @@ def make_dataset(cache, *, global_batch: int,
         return ProcessDataset(ds.batch(batch, drop_remainder=True), pc)
     ahead = max(1, prefetch // batch)
     # arrays: `ahead` prefetched batches, one being filled, one the loop holds (train/memory.py)
-    batch_fn = _BatchInto(reader, keep=ahead + 2)
+    batch_fn = _BatchInto(reader, keep=ahead + 2, device_checks=device_checks)
     ds = ds.batch(batch, drop_remainder=True, batch_fn=batch_fn)
     # the features are read in the batch step: a thread runs it ahead (state: the consumed one's)
     return ProcessDataset(grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=ahead), pc, batch_fn.pool)
 
 
-def to_global(batch: dict, shardings: dict, keys=DEVICE_KEYS) -> dict:
+def to_global(batch: dict, shardings: dict, keys=None) -> dict:
     """Per-process numpy batch -> global jax.Arrays laid out by `shardings` (batch over
-    data x fsdp); only `keys` (default: those the step consumes)."""
+    data x fsdp); only `keys` (default: those of `shardings`, what the step consumes)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
-            for k in keys}
+            for k in (shardings if keys is None else keys)}

@@ -24,11 +24,12 @@ from pipeline.preempt import Preempted, StopOnSignal
 from train.run_lock import run_lock
 from train import aot, disk, memory
 from train.config import TrainConfig
-from train.guard import (FiniteWatch, NonFiniteError, cache_fingerprint, check_block_fits,
-                         check_out_dir, manifest_object)
+from train.guard import (CorruptFeaturesError, FiniteWatch, NonFiniteError, cache_fingerprint,
+                         check_block_fits, check_out_dir, manifest_object)
 from train.evaluate import Evaluator
 from train.heldout import TrainView, heldout_indices
-from train.loader import make_dataset, num_anchors_for, open_training_cache, to_global
+from train.loader import (features_checked_on_device, make_dataset, num_anchors_for,
+                          open_training_cache, to_global)
 from train.mesh import make_mesh
 from train.step import attention_implementation
 from train.metrics import MetricsWriter, summarize, truncate_metrics
@@ -228,9 +229,12 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
     # Compile before allocating anything: its memory analysis decides whether the run can fit
     # (the first real call reuses this compilation). tools.tpu_compile compiles this same
     # program for a TPU topology (train/aot.py).
+    # the step checks the features it trains on against the dump's sums (feature_sums.py)
+    device_checks = not online and features_checked_on_device(train_cache)
     prog = aot.step_program(cfg, dcfg, mesh, seq_len=manifest.seq_len,
                             feature_dim=manifest.feature_dim,
-                            num_anchors=num_anchors_for(manifest, cfg.anchors_per_seq))
+                            num_anchors=num_anchors_for(manifest, cfg.anchors_per_seq),
+                            feature_sums=device_checks)
     init, abstract, state_sh, frozen_sh = prog.init, prog.state, prog.state_sh, prog.frozen_sh
     step_fn, batch_sh, batch_abs = prog.step_fn, prog.batch_sh, prog.batch
     compiled = aot.compile_or_refuse(prog, cfg)  # a TPU compile refuses an HBM overflow
@@ -266,7 +270,8 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
 
     data_it = iter(make_dataset(train_cache, global_batch=cfg.batch_size,
                                 anchors_per_seq=cfg.anchors_per_seq, seed=cfg.seed,
-                                read_threads=cfg.read_threads, prefetch=cfg.prefetch))
+                                read_threads=cfg.read_threads, prefetch=cfg.prefetch,
+                                device_checks=device_checks))
     if online:  # device batches with features; the next one's teacher forward runs ahead
         data_it = online.batches(data_it, batch_sh)
     ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
@@ -287,12 +292,17 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * manifest.seq_len  # sequence tokens streamed per step
     last, last_eval, t_loop, n_run = {}, {}, time.time(), 0
-    watch, last_saved = FiniteWatch(), start or None
+    watch, last_saved = FiniteWatch(cfg.data, getattr(cache, "describe", None)), start or None
     try:
         for step in range(start, cfg.steps):
-            batch = next(data_it) if online else to_global(next(data_it), batch_sh)
+            records = None
+            if online:
+                batch = next(data_it)
+            else:
+                host_batch = next(data_it)
+                batch, records = to_global(host_batch, batch_sh), host_batch["index"]
             state, metrics = step_fn(state, frozen, batch)
-            watch.add(step + 1, metrics)
+            watch.add(step + 1, metrics, records)
             n_run += 1
             done = step + 1
             if step == start and done < cfg.steps:  # throughput excludes the compile of step one
@@ -323,7 +333,7 @@ def _run(cfg: TrainConfig, devices, stop: StopOnSignal) -> dict:
                     _write_msgpack(out, dcfg, _host_params(state["params"]))
                 raise Preempted(f"stopped by SIGTERM after step {done} of {cfg.steps}, saved "
                                 f"in {out}; rerun the same command to resume")
-    except (NonFiniteError, Preempted):
+    except (NonFiniteError, CorruptFeaturesError, Preempted):
         ckpt.close()  # the good checkpoints still being written are committed
         writer.close()
         if bar is not None:

@@ -4,7 +4,7 @@ shardings and the state donated.
     state  = {"params": f32 draft params, "opt_state": AdamW state, "step": int32, "rng": key}
     frozen = {"embed": [V, H], "lm_head": [V, H]}   (teacher tensors, compute dtype, never updated)
     batch  = {"input_ids" [b,T], "loss_mask" [b,T], "features" [b,T,K*H], "anchors" [b,N],
-              "anchor_valid" [b,N]}
+              "anchor_valid" [b,N], and from a cache with feature sums "feature_sums" [b,2]}
 
 `frozen` is an argument, not a closure: jit would bake a closed-over [V, H] array into the
 program as a constant (1.2 GB for gpt-oss), and it must not be donated or checkpointed.
@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import model
+from pipeline.cache.feature_sums import feature_sums
 from model.attention import resolve_implementation
 from pipeline.errors import UserError
 from train.anchors import block_labels
@@ -87,10 +88,15 @@ def frozen_shardings(mesh, frozen_abstract) -> dict:
     return shardings_for(axes, frozen_abstract, mesh)
 
 
-def batch_shardings(mesh) -> dict:
-    return {"input_ids": batch_sharding(mesh, 2), "loss_mask": batch_sharding(mesh, 2),
-            "features": batch_sharding(mesh, 3), "anchors": batch_sharding(mesh, 2),
-            "anchor_valid": batch_sharding(mesh, 2)}
+def batch_shardings(mesh, feature_sums: bool = False) -> dict:
+    """The step's batch keys and their shardings; with `feature_sums`, the [b, 2] uint32 sums
+    the loader read beside each sequence's features, checked in the step."""
+    out = {"input_ids": batch_sharding(mesh, 2), "loss_mask": batch_sharding(mesh, 2),
+           "features": batch_sharding(mesh, 3), "anchors": batch_sharding(mesh, 2),
+           "anchor_valid": batch_sharding(mesh, 2)}
+    if feature_sums:
+        out["feature_sums"] = batch_sharding(mesh, 2)
+    return out
 
 
 def attention_implementation(cfg: TrainConfig) -> str:
@@ -143,13 +149,17 @@ def make_step_fn(cfg: TrainConfig, dcfg):
                    "lr": schedule(state["step"]), "slot_correct": aux["slot_correct"],
                    "slot_count": aux["slot_count"], "finite": finite}
         metrics.update({k: aux[k] for k in DFLASH2_METRICS if k in aux})
+        if "feature_sums" in batch:  # [b]: the bytes trained on are the bytes the dump wrote
+            metrics["features_ok"] = jnp.all(
+                feature_sums(batch["features"]) == batch["feature_sums"], axis=-1)
         return new_state, metrics
 
     return step_fn
 
 
-def jit_step(cfg: TrainConfig, dcfg, mesh, state_sh, frozen_sh):
-    """The step jitted once: explicit in/out shardings, state donated. Logs the attention
+def jit_step(cfg: TrainConfig, dcfg, mesh, state_sh, frozen_sh, feature_sums: bool = False):
+    """The step jitted once: explicit in/out shardings, state donated; with `feature_sums` its
+    batch carries them and its metrics say which rows match (`features_ok`). Logs the attention
     implementation it runs (on process 0)."""
     if jax.process_index() == 0:
         print(f"attention: {attention_implementation(cfg)} (--attention {cfg.attention}, "
@@ -161,6 +171,6 @@ def jit_step(cfg: TrainConfig, dcfg, mesh, state_sh, frozen_sh):
             return step_fn(state, frozen, batch)
 
     return jax.jit(traced,
-                   in_shardings=(state_sh, frozen_sh, batch_shardings(mesh)),
+                   in_shardings=(state_sh, frozen_sh, batch_shardings(mesh, feature_sums)),
                    out_shardings=(state_sh, NamedSharding(mesh, P())),
                    donate_argnums=(0,))

@@ -188,7 +188,7 @@ class ArrayRecordParts:
     def open_writer(self, name: str, capacity: int):
         return ArrayRecordWriter(str(self.directory / name), WRITER_OPTIONS)
 
-    def write(self, writer, record: bytes) -> None:
+    def write(self, writer, record: bytes, feature_sums=None) -> None:  # sums: TensorStore only
         writer.write(record)
 
     def close(self, writer, name: str) -> None:

@@ -9,8 +9,11 @@ manifest, e.g. gs://bucket/cache/), holding a jagged, token-major layout:
     input_ids/  zarr3 int32    [tokens]
     loss_mask/  zarr3 uint8    [tokens]
     offsets/    zarr3 int64    [records + 1]   sequence r is tokens offsets[r]:offsets[r+1]
-    checksums/  zarr3 uint64   [records, 2]    xxh3_64 of sequence r's features bytes, and of
-                                               its input_ids (int32 LE) then loss_mask bytes
+    checksums/  zarr3 uint64   [records, 3]    xxh3_64 of sequence r's features bytes, and of
+                                               its input_ids (int32 LE) then loss_mask bytes;
+                                               its two feature sums (feature_sums.py) packed
+                                               as sum0 | sum1 << 32, which the trainer checks
+                                               on the device (older dumps: [records, 2])
 
 Chunks are plain (`PLAIN_CODECS`: uncompressed, unsharded), so a sequence's features are one
 byte range of one chunk file, which the trainer reads straight into its batch (`plain_chunk_files`;
@@ -20,7 +23,10 @@ closed before the ledger names it; its committed size and CRC32 cover every key 
 its prefix, so verification and resume treat it exactly as an ArrayRecord file.
 Every read checks the record's `checksums` row before the bytes are handed out (features hashed
 block by block as they are preadv'd, while still in cache); a mismatch raises CacheError naming
-the part and the record. Parts written before the checksums existed are verified whole (size and
+the part and the record. The trainer's batch reads skip the features' host hash when the parts
+store feature sums (`has_feature_sums`): its step checks those on the device instead. They sit
+in the `checksums` array a reader opens anyway: a default dump has 4 records a part, so in a
+shuffled epoch nearly every record read opens its part, and each array opened costs ~0.5 ms. Parts written before the checksums existed are verified whole (size and
 CRC32 of the part) the first time a reader opens them.
 No jax import: the trainer reads caches through this module.
 """
@@ -39,13 +45,15 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from pipeline.cache import feature_sums as fsums
 from pipeline.cache.format import BF16, CacheError, CacheManifest, PartInfo, decode_record
 
 TS_SUFFIX = ".ts"
 PART_RE = re.compile(r"^(shard-\d+-of-\d+\.part-\d+\.ts)/")
 CHUNK_TARGET_BYTES = 64 << 20  # one write (and one read of a whole chunk) per ~64 MiB
 ARRAYS = ("features", "input_ids", "loss_mask", "offsets")
-CHECKSUMS = "checksums"  # [records, 2] uint64: xxh3_64 of features, of input_ids + loss_mask
+CHECKSUMS = "checksums"  # [records, 3] uint64: xxh3_64 of features, of input_ids + loss_mask;
+# the feature sums packed (sum0 | sum1 << 32); parts dumped before the sums: [records, 2]
 _HASH_BLOCK = 256 << 10  # preadv and hash 256 KiB at a time, hashed while still in L2 (1 MiB
 # blocks cost 1.5x as much hashing CPU per GB on this host)
 _MAX_OPEN_PARTS = 16
@@ -149,12 +157,18 @@ class TSPartWriter:
         self.records = 0  # written to the buffer or flushed
         self._flushed = 0
         self._sums: list[tuple[int, int]] = []  # per record: (features, tokens) xxh3_64
+        self._feature_sums: list[int] = []  # per record: sum0 | sum1 << 32 (feature_sums.py)
 
-    def write(self, record: bytes, manifest) -> None:
+    def write(self, record: bytes, manifest, feature_sums=None) -> None:
+        """Append a record; `feature_sums` as the dump's device computed them, else computed
+        here on the host."""
         if self.records >= self.capacity:
             raise ValueError(f"part {self.url} is full ({self.capacity} records)")
         rec = decode_record(record, manifest)
         self._sums.append(record_checksums(rec["features"], rec["input_ids"], rec["loss_mask"]))
+        fs = (fsums.feature_sums_np(rec["features"]) if feature_sums is None
+              else np.asarray(feature_sums, np.uint32).reshape(2))
+        self._feature_sums.append(int(fs[0]) | int(fs[1]) << 32)
         row = (self.records - self._flushed) * self.t
         if self._buf is None:
             ct = self.chunk * self.t
@@ -194,9 +208,12 @@ class TSPartWriter:
                             [self.records + 1])).result()
         off.write(offsets).result()
         n = max(self.records, 1)  # zarr needs a non-empty chunk shape
-        sums = ts.open(_spec(self.url + CHECKSUMS + "/", "uint64", [self.records, 2],
-                             [n, 2])).result()
-        sums.write(np.asarray(self._sums, np.uint64).reshape(self.records, 2)).result()
+        sums = ts.open(_spec(self.url + CHECKSUMS + "/", "uint64", [self.records, 3],
+                             [n, 3])).result()
+        table = np.zeros((self.records, 3), np.uint64)
+        table[:, :2] = np.asarray(self._sums, np.uint64).reshape(self.records, 2)
+        table[:, 2] = np.asarray(self._feature_sums, np.uint64)
+        sums.write(table).result()
         self._arrays = {}
         return self.records
 
@@ -262,8 +279,12 @@ class TSCacheReader:
         part = self.parts[k]
         url = self.root + part.file + "/"
         arrays = {a: ts.open({"driver": "zarr3", "kvstore": url + a + "/"}, open=True,
-                             read=True).result() for a in ARRAYS}
-        arrays["offsets"] = arrays["offsets"].read().result()
+                             read=True).result() for a in ARRAYS if a != "offsets"}
+        offsets = _small_plain_array(self.root, part.file, "offsets", "int64")
+        if offsets is None:
+            offsets = ts.open({"driver": "zarr3", "kvstore": url + "offsets/"}, open=True,
+                              read=True).result().read().result()
+        arrays["offsets"] = offsets
         arrays["sums"] = self._checksums(k, url) if self.check_records else None
         arrays["plain"] = (plain_chunk_files(self.root, part.file, "features")
                            if self.pread_plain_chunks else None)
@@ -277,21 +298,55 @@ class TSCacheReader:
         """Part k's per-record checksums [records, 2]; None for a part written before them,
         which is then verified whole (size, CRC32, record count) once per reader."""
         part = self.parts[k]
-        try:
-            sums = _ts().open({"driver": "zarr3", "kvstore": url + CHECKSUMS + "/"}, open=True,
-                              read=True).result()
-        except ValueError:  # NOT_FOUND: an older part
-            sums = None
+        sums = _small_plain_array(self.root, part.file, CHECKSUMS, "uint64")
         if sums is None:
-            if k not in self._verified:
-                verify_part(open_kvstore(self.root), part, self.root)
-                self._verified.add(k)
-            return None
-        sums = sums.read().result()
-        if sums.shape != (part.records, 2):
+            try:
+                sums = _ts().open({"driver": "zarr3", "kvstore": url + CHECKSUMS + "/"},
+                                  open=True, read=True).result().read().result()
+            except ValueError:  # NOT_FOUND: an older part
+                if k not in self._verified:
+                    verify_part(open_kvstore(self.root), part, self.root)
+                    self._verified.add(k)
+                return None
+        if sums.shape not in ((part.records, 2), (part.records, 3)):
             raise CacheError(f"{self.root + part.file}: checksums of {sums.shape[0]} records, "
                              f"the manifest committed {part.records} (corrupted part)")
         return sums
+
+    def describe(self, index) -> str:
+        """Where record `index` lives, for error lines: '<part> record j (cache record i)'."""
+        _, _, _, k, j = self._locate(index)
+        return f"{self.root + self.parts[k].file} record {j} (cache record {int(index)})"
+
+    def has_feature_sums(self) -> bool:
+        """Whether the parts store their records' feature sums (dumps since the device check;
+        pipeline/cache/feature_sums.py): then the trainer checks features on the device. Only
+        a resume across versions mixes parts with and without: the first and the last part are
+        read here, and a part without them met later is refused (`_feature_sums_of`)."""
+        kv = open_kvstore(self.root)
+        for part in {self.parts[0], self.parts[-1]} if self.parts else ():
+            got = kv.read(f"{part.file}/{CHECKSUMS}/zarr.json").result()
+            try:
+                shape = json.loads(got.value)["shape"] if got.state == "value" else None
+            except (ValueError, KeyError, TypeError):
+                shape = None
+            if not isinstance(shape, list) or shape[1:] != [3]:
+                return False
+        return bool(self.parts)
+
+    def feature_sums(self, index) -> np.ndarray:
+        """Record `index`'s feature sums [2] uint32, as the dump computed them."""
+        arrays, _, _, k, j = self._locate(index)
+        return self._feature_sums_of(arrays, k, j)
+
+    def _feature_sums_of(self, arrays: dict, k: int, j: int) -> np.ndarray:
+        sums = arrays["sums"]
+        if sums is None or sums.shape[1] < 3:
+            raise CacheError(f"{self.root + self.parts[k].file} stores no feature sums while the "
+                             "cache's other parts do (dumped by two versions); check it with "
+                             f"`python -m pipeline.cache.verify {self.directory}`")
+        packed = int(sums[j, 2])
+        return np.array([packed & 0xFFFFFFFF, packed >> 32], np.uint32)
 
     def _locate(self, index) -> tuple[dict, int, int, int, int]:
         """Record index -> (its part's open arrays, first token, end token, part, row)."""
@@ -335,18 +390,23 @@ class TSCacheReader:
         self._check_features(arrays, k, j, out["features"])
         return out
 
-    def read_tokens(self, index) -> dict:
-        """Record `index` without its features: dict(input_ids, loss_mask), checksum-checked."""
+    def read_tokens(self, index, feature_sums: bool = False) -> dict:
+        """Record `index` without its features: dict(input_ids, loss_mask), checksum-checked,
+        and with `feature_sums` the features' sums [2] uint32 (for the step to check)."""
         arrays, lo, hi, k, j = self._locate(index)
         futures = {a: arrays[a][lo:hi].read() for a in ("input_ids", "loss_mask")}
         out = {a: f.result() for a, f in futures.items()}
         self._check_tokens(arrays, k, j, out["input_ids"], out["loss_mask"])
+        if feature_sums:
+            out["feature_sums"] = self._feature_sums_of(arrays, k, j)
         return out
 
-    def read_features_into(self, index, out: np.ndarray):
+    def read_features_into(self, index, out: np.ndarray, check: bool = True):
         """Start reading record `index`'s features [T, F] straight into `out` (a writable,
         C-contiguous bf16 array, e.g. one row of a batch); returns a future whose `.result()`
-        waits and raises CacheError if the bytes do not match the record's checksum.
+        waits and raises CacheError if the bytes do not match the record's checksum. With
+        `check=False` the features are not hashed here: the caller checks their feature sums
+        on the device (the trainer's step).
         Plain chunk files on a local filesystem (`plain_chunk_files`: what TSPartWriter writes)
         are os.preadv'd into `out`, one copy, hashed block by block as they land; anything else
         is read by TensorStore (its read buffer, then `out`) and hashed after."""
@@ -363,12 +423,16 @@ class TSCacheReader:
                     pool = self._pool
 
                 def pread():
+                    hashed = check and arrays["sums"] is not None
                     digest = _pread_into(directory / "c" / str(c) / "0", out, r * row_bytes,
-                                         hashed=arrays["sums"] is not None)
-                    self._check_features(arrays, k, j, out, digest)
+                                         hashed=hashed)
+                    if hashed:
+                        self._check_features(arrays, k, j, out, digest)
                 return pool.submit(pread)
 
         future = _ts().array(out, copy=False, write=True).write(arrays["features"][lo:hi])
+        if not check:
+            return future
         return _Checked(future, lambda: self._check_features(arrays, k, j, out))
 
     def __iter__(self):
@@ -431,6 +495,45 @@ def plain_chunk_files(root: str, part: str, array: str):
             or len(chunk) != 2 or len(shape) != 2 or chunk[1] != shape[1]):
         return None
     return directory, int(chunk[0]), int(chunk[1]) * BF16.itemsize
+
+
+def _small_plain_array(root: str, part: str, array: str, dtype: str):
+    """A part's small one-chunk array (offsets, checksums) read straight from its chunk file,
+    ~0.05 ms against ~0.5 ms for a TensorStore open and read: nearly every record read of a
+    shuffled epoch opens its part (4 records a part by default). None unless the array is a
+    plain (PLAIN_CODECS), single-chunk `dtype` array on a local filesystem; TensorStore reads
+    the rest (other kvstores, other layouts, an absent array). A chunk file of the wrong size
+    is a CacheError."""
+    if not root.startswith("file://"):
+        return None
+    directory = Path(root[len("file://"):]) / part / array
+    try:
+        meta = json.loads((directory / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    shape = meta.get("shape")
+    grid, keys = meta.get("chunk_grid", {}), meta.get("chunk_key_encoding", {})
+    if (meta.get("codecs") != PLAIN_CODECS or meta.get("data_type") != dtype
+            or not isinstance(shape, list) or len(shape) not in (1, 2)
+            or not all(isinstance(n, int) and n > 0 for n in shape)
+            or grid.get("name") != "regular"
+            or grid.get("configuration", {}).get("chunk_shape") != shape
+            or keys.get("name") != "default"
+            or keys.get("configuration", {}).get("separator", "/") != "/"
+            or not _is_positive_zero(meta.get("fill_value"))):
+        return None
+    chunk = directory.joinpath("c", *["0"] * len(shape))
+    want = math.prod(shape) * np.dtype(dtype).itemsize
+    try:
+        raw = chunk.read_bytes()
+    except FileNotFoundError:  # zarr stores no chunk of fill values only
+        return np.zeros(shape, dtype)
+    if len(raw) != want:
+        raise CacheError(f"{chunk} holds {len(raw)} bytes, its array needs {want} (corrupted "
+                         "part)")
+    return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
 
 
 def _is_positive_zero(value) -> bool:
@@ -511,8 +614,8 @@ class TensorStoreParts:
         m = self.manifest
         return TSPartWriter(self.root, name, capacity, m.seq_len, m.feature_dim)
 
-    def write(self, writer, record: bytes) -> None:
-        writer.write(record, self.manifest)
+    def write(self, writer, record: bytes, feature_sums=None) -> None:
+        writer.write(record, self.manifest, feature_sums)
 
     def close(self, writer, name: str) -> None:
         writer.close()  # the file kvstore fsyncs each value it writes (file_io_sync)

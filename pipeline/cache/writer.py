@@ -66,8 +66,9 @@ class CacheWriter:
         if (point, n) in self._kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def write(self, record: bytes) -> None:
-        """Append the record of sequence `self.next_index`."""
+    def write(self, record: bytes, feature_sums=None) -> None:
+        """Append the record of sequence `self.next_index` (with its feature sums when the
+        caller computed them on the device: pipeline/cache/feature_sums.py)."""
         if len(record) != self.manifest.record_nbytes:
             raise ValueError(f"record of {len(record)} bytes, expected {self.manifest.record_nbytes}")
         index = self.next_index
@@ -81,7 +82,7 @@ class CacheWriter:
         if ("fail_write", index) in self._kill:
             self._io(lambda: _raise(OSError(errno.ENOSPC, "No space left on device (injected)")),
                      state[1])
-        self._io(lambda: self.store.write(state[0], record), state[1])
+        self._io(lambda: self.store.write(state[0], record, feature_sums), state[1])
         state[4] += 1
         self.next_index = index + 1
         self._maybe_kill("after_record", index)

@@ -4,6 +4,7 @@ the sequences batch by batch, hand the features to the writer thread, commit by 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from pipeline.cache.feature_sums import feature_sums
 from pipeline.cache.format import BF16, CacheManifest
 from pipeline.cache.prepare import lock_cache, prepare_cache
 from pipeline.cache.verify import check_complete
@@ -90,7 +92,19 @@ def _device_loop(config: DumpConfig, teacher, seqs, layer_ids, writer, start: in
         feats = teacher.features(ids, attention, layer_ids)  # dispatched, not awaited
         if feats.dtype != BF16:  # cast on the device: half the bytes to transfer
             feats = feats.astype(BF16)
-        writer.put((index, ids, mask, feats, valid))
+        # the sums the trainer's step checks, from the bytes before they leave the device
+        writer.put((index, ids, mask, feats, valid, _feature_sums(feats)))
+
+
+@functools.cache
+def _feature_sums_jit():
+    import jax  # the teacher has loaded it already
+    return jax.jit(feature_sums)
+
+
+def _feature_sums(feats):
+    """[b, 2] uint32 feature sums of a batch, dispatched where the features are (not awaited)."""
+    return _feature_sums_jit()(feats)
 
 
 def _summary(sequences: int, seq_len: int, nbytes: int, t0: float, t1: float, out: str,

@@ -1,7 +1,8 @@
 """The dump's writer thread: device arrays in through a bounded queue, records out to the cache.
 
-The device loop `put`s (first index, ids, mask, features, valid rows) with `features` possibly
-still being computed; this thread blocks on the transfer, encodes each valid row and appends it
+The device loop `put`s (first index, ids, mask, features, valid rows, feature sums) with
+`features` and their sums (pipeline/cache/feature_sums.py, computed on the device) possibly still
+being computed; this thread blocks on the transfer, encodes each valid row and appends it
 through a CacheWriter. A full queue makes the device loop wait (bounded host memory); an error
 here (disk full) stops the loop at its next `put` and is re-raised there.
 """
@@ -86,8 +87,9 @@ class WriterThread(threading.Thread):
         except BaseException as e:  # noqa: BLE001 - handed to the device loop
             self.error = e
 
-    def _write_batch(self, index, ids, mask, feats, valid) -> None:
+    def _write_batch(self, index, ids, mask, feats, valid, sums=None) -> None:
         feats = np.asarray(feats)  # waits for the device
+        sums = None if sums is None else np.asarray(sums)
         if feats.dtype != BF16:
             feats = feats.astype(BF16)
         if feats.shape[:2] != ids.shape:
@@ -97,7 +99,7 @@ class WriterThread(threading.Thread):
                 return
             assert self.writer.next_index == index + r, (self.writer.next_index, index + r)
             record = encode_record(ids[r], mask[r], feats[r])
-            self.writer.write(record)
+            self.writer.write(record, None if sums is None else sums[r])
             self.record_bytes += len(record)
         self.sequences += valid
         if self._bar is not None:
