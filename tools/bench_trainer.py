@@ -37,7 +37,8 @@ def step_overhead(root: str, *, steps: int, seq_len: int, hidden: int, num_featu
     from model.config import DraftConfig
     from train import step as step_lib
     from train.config import TrainConfig
-    from train.loader import make_dataset, open_training_cache, to_global
+    from train.loader import (features_checked_on_device, make_dataset, open_training_cache,
+                              to_global)
     from train.mesh import make_mesh
 
     path = scratch_dir(root, "trainer_cache")
@@ -63,10 +64,11 @@ def step_overhead(root: str, *, steps: int, seq_len: int, hidden: int, num_featu
                  for k in ("embed", "lm_head")}
     frozen_sh = step_lib.frozen_shardings(mesh, frozen_np)
     frozen = {k: jax.device_put(v, frozen_sh[k]) for k, v in frozen_np.items()}
-    step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh)
-    batch_sh = step_lib.batch_shardings(mesh)
+    checks = features_checked_on_device(cache)  # as train.loop: the step checks the sums
+    step_fn = step_lib.jit_step(cfg, dcfg, mesh, state_sh, frozen_sh, feature_sums=checks)
+    batch_sh = step_lib.batch_shardings(mesh, feature_sums=checks)
     it = iter(make_dataset(cache, global_batch=batch, anchors_per_seq=anchors, seed=0,
-                           read_threads=threads, prefetch=2 * batch))
+                           read_threads=threads, prefetch=2 * batch, device_checks=checks))
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
     held = to_global(next(it), batch_sh)
     state, m = step_fn(state, frozen, held)  # compile
