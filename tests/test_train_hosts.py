@@ -82,6 +82,7 @@ def _dump(out, fmt, teacher):
 
 def test_tensorstore_and_arrayrecord_caches_give_identical_batches_and_losses(tmp_path, teacher):
     from train.config import TrainConfig
+    from pipeline.cache.feature_sums import feature_sums_np
     from train.loader import make_dataset, open_training_cache
     from train.loop import train
 
@@ -90,6 +91,9 @@ def test_tensorstore_and_arrayrecord_caches_give_identical_batches_and_losses(tm
                                  seed=3, read_threads=2)) for c in caches.values()]
     for _ in range(4):  # more than an epoch of 24 sequences
         a, b = (next(s) for s in streams)
+        # the TensorStore batch also carries the sums its step checks: those of these features
+        sums = b.pop("feature_sums")
+        np.testing.assert_array_equal(sums, feature_sums_np(np.asarray(b["features"])))
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype
