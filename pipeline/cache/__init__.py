@@ -11,6 +11,8 @@ Modules, bottom up (each imports only those above it):
   format.py      manifest, record layout, CacheError, load_manifest, settings_key, CRC32
   ledger.py      the atomically replaced ledger of committed parts
   arrayrecord.py ArrayRecord parts: reader (CacheReader), verification, part store
+  feature_sums.py per-record feature sums, computed and checked on the device (numpy twin)
+  plain_chunks.py plain zarr3 chunk files read without TensorStore (preadv into a batch row)
   ts_parts.py    TensorStore zarr3 parts: writer, reader (TSCacheReader), checksums, part store
   parts.py       the one place the format is chosen: part_store(), parts_reader()
   hosts.py       multi-process caches: host sub-caches behind one manifest (HostsReader)

@@ -36,7 +36,6 @@ import collections
 import concurrent.futures
 import json
 import math
-import os
 import re
 import threading
 import zlib
@@ -47,6 +46,8 @@ import xxhash
 
 from pipeline.cache import feature_sums as fsums
 from pipeline.cache.format import BF16, CacheError, CacheManifest, PartInfo, decode_record
+from pipeline.cache.plain_chunks import (  # noqa: F401  (plain_chunk_files, _pread_into: tests)
+    PLAIN_CODECS, _pread_into, _small_plain_array, plain_chunk_files)
 
 TS_SUFFIX = ".ts"
 PART_RE = re.compile(r"^(shard-\d+-of-\d+\.part-\d+\.ts)/")
@@ -54,8 +55,6 @@ CHUNK_TARGET_BYTES = 64 << 20  # one write (and one read of a whole chunk) per ~
 ARRAYS = ("features", "input_ids", "loss_mask", "offsets")
 CHECKSUMS = "checksums"  # [records, 3] uint64: xxh3_64 of features, of input_ids + loss_mask;
 # the feature sums packed (sum0 | sum1 << 32); parts dumped before the sums: [records, 2]
-_HASH_BLOCK = 256 << 10  # preadv and hash 256 KiB at a time, hashed while still in L2 (1 MiB
-# blocks cost 1.5x as much hashing CPU per GB on this host)
 _MAX_OPEN_PARTS = 16
 _PREAD_THREADS = 2  # os.preadv's of plain chunk files in flight per reader (they drop the GIL)
 
@@ -123,11 +122,6 @@ def chunk_records(seq_len: int, feature_dim: int, per_part: int) -> int:
     per_seq = seq_len * feature_dim * BF16.itemsize
     most = max(1, min(per_part, math.ceil(CHUNK_TARGET_BYTES / max(per_seq, 1))))
     return math.ceil(per_part / math.ceil(per_part / most))
-
-
-# Plain chunks: one little-endian C-order file per chunk. Without it TensorStore shards large
-# chunks into [1024, 960] inner chunks, and a sequence's features are no longer one byte range.
-PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
 
 
 def _spec(url: str, dtype: str, shape, chunk) -> dict:
@@ -468,103 +462,6 @@ class _Checked:
     def result(self):
         self._future.result()
         self._check()
-
-
-def plain_chunk_files(root: str, part: str, array: str):
-    """(directory, rows per chunk, bytes per row) when the part's bf16 [rows, F] `array` is
-    stored as plain chunk files on a local filesystem, else None (e.g. a sharded or compressed
-    array, an older dump, a gs:// root). Plain: zarr3, only the little-endian `bytes` codec,
-    default chunk keys, fill value 0; row r of chunk c is then bytes [r * row_bytes,
-    (r + 1) * row_bytes) of the file <directory>/c/<c>/0, and an absent chunk file holds zeros
-    (zarr stores no chunk of fill values only)."""
-    if not root.startswith("file://"):
-        return None
-    directory = Path(root[len("file://"):]) / part / array
-    try:
-        meta = json.loads((directory / "zarr.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-    grid, keys = meta.get("chunk_grid", {}), meta.get("chunk_key_encoding", {})
-    chunk = grid.get("configuration", {}).get("chunk_shape", [])
-    shape = meta.get("shape", [])
-    if (meta.get("codecs") != PLAIN_CODECS or grid.get("name") != "regular"
-            or keys.get("name") != "default"
-            or keys.get("configuration", {}).get("separator", "/") != "/"
-            or not _is_positive_zero(meta.get("fill_value"))
-            or meta.get("data_type") != "bfloat16"
-            or len(chunk) != 2 or len(shape) != 2 or chunk[1] != shape[1]):
-        return None
-    return directory, int(chunk[0]), int(chunk[1]) * BF16.itemsize
-
-
-def _small_plain_array(root: str, part: str, array: str, dtype: str):
-    """A part's small one-chunk array (offsets, checksums) read straight from its chunk file,
-    ~0.05 ms against ~0.5 ms for a TensorStore open and read: nearly every record read of a
-    shuffled epoch opens its part (4 records a part by default). None unless the array is a
-    plain (PLAIN_CODECS), single-chunk `dtype` array on a local filesystem; TensorStore reads
-    the rest (other kvstores, other layouts, an absent array). A chunk file of the wrong size
-    is a CacheError."""
-    if not root.startswith("file://"):
-        return None
-    directory = Path(root[len("file://"):]) / part / array
-    try:
-        meta = json.loads((directory / "zarr.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    shape = meta.get("shape")
-    grid, keys = meta.get("chunk_grid", {}), meta.get("chunk_key_encoding", {})
-    if (meta.get("codecs") != PLAIN_CODECS or meta.get("data_type") != dtype
-            or not isinstance(shape, list) or len(shape) not in (1, 2)
-            or not all(isinstance(n, int) and n > 0 for n in shape)
-            or grid.get("name") != "regular"
-            or grid.get("configuration", {}).get("chunk_shape") != shape
-            or keys.get("name") != "default"
-            or keys.get("configuration", {}).get("separator", "/") != "/"
-            or not _is_positive_zero(meta.get("fill_value"))):
-        return None
-    chunk = directory.joinpath("c", *["0"] * len(shape))
-    want = math.prod(shape) * np.dtype(dtype).itemsize
-    try:
-        raw = chunk.read_bytes()
-    except FileNotFoundError:  # zarr stores no chunk of fill values only
-        return np.zeros(shape, dtype)
-    if len(raw) != want:
-        raise CacheError(f"{chunk} holds {len(raw)} bytes, its array needs {want} (corrupted "
-                         "part)")
-    return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
-
-
-def _is_positive_zero(value) -> bool:
-    """The fill value whose bf16 bits are all zero (0.0, not -0.0)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
-            and math.copysign(1.0, value) > 0)
-
-
-def _pread_into(path: Path, out: np.ndarray, offset: int, hashed: bool = False):
-    """Fill C-contiguous `out` with the file's bytes from `offset` (one copy, no buffer);
-    with `hashed`, returns the xxh3_64 of those bytes, hashed block by block as they land."""
-    view = out.reshape(-1).view(np.uint8)
-    h = xxhash.xxh3_64() if hashed else None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # a chunk of fill values only: zarr stores no file
-        view[:] = 0
-        return xxhash.xxh3_64_intdigest(view) if hashed else None
-    try:
-        done = 0
-        while done < view.nbytes:
-            block = view[done:done + _HASH_BLOCK] if h is not None else view[done:]
-            n = os.preadv(fd, [block], offset + done)
-            if n <= 0:
-                raise CacheError(f"{path} ends before byte {offset + view.nbytes} (truncated)")
-            if h is not None:
-                h.update(block[:n])
-            done += n
-    finally:
-        os.close(fd)
-    return h.intdigest() if h is not None else None
 
 
 def verify_part(kv, part: PartInfo, root: str) -> None:
