@@ -5,8 +5,6 @@ on the host (issue 22, item 8).
 Oracles: the numpy implementation (written independently of the jax one) for the definition;
 the bytes on disk for what the dump stored; a flipped byte for the step's check.
 """
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -61,11 +59,16 @@ def test_every_single_word_change_is_caught_and_rows_are_ordered():
     assert (feature_sums_np(np.roll(x, 1, axis=0)) != ref).all()  # a record read one row off
 
 
-def test_dump_stores_the_device_sums_of_what_it_wrote(tmp_path):
-    config = DumpConfig(out=str(tmp_path / "c"), shards=2, seq_len=32, batch_size=4,
-                        commit_every=8, layer_ids=(1, 3), progress=False, model="fake")
-    run_dump(config, teacher=FakeTeacher(16), sequences=fake_sequences(11, 32),
+def _dump(out, n: int) -> None:
+    """A TensorStore cache of n fake-teacher sequences, dumped as `teacher_dump` does."""
+    config = DumpConfig(out=str(out), shards=2, seq_len=32, batch_size=4, commit_every=8,
+                        layer_ids=(1, 3), progress=False, model="fake")
+    run_dump(config, teacher=FakeTeacher(16), sequences=fake_sequences(n, 32),
              log=lambda *_: None)
+
+
+def test_dump_stores_the_device_sums_of_what_it_wrote(tmp_path):
+    _dump(tmp_path / "c", 11)
     cache = open_cache(tmp_path / "c")
     assert cache.has_feature_sums()
     for i in range(len(cache)):
@@ -112,10 +115,7 @@ def test_loader_hands_corrupt_features_to_the_step_check_not_the_host_hash(tmp_p
     from pipeline.cache.format import CacheError
     from train.loader import features_checked_on_device, open_training_cache
 
-    config = DumpConfig(out=str(tmp_path / "c"), shards=2, seq_len=32, batch_size=4,
-                        commit_every=8, layer_ids=(1, 3), progress=False, model="fake")
-    run_dump(config, teacher=FakeTeacher(16), sequences=fake_sequences(12, 32),
-             log=lambda *_: None)
+    _dump(tmp_path / "c", 12)
     cache = open_training_cache(tmp_path / "c")
     bad = 7
     _flip_features(cache, bad)
@@ -140,8 +140,7 @@ def test_loader_hands_corrupt_features_to_the_step_check_not_the_host_hash(tmp_p
         _one_epoch(old)
     # parts of two versions (a dump resumed across them): the part without sums is refused
     _flip_features(old, bad)  # (flip back: this check is about the missing sums)
-    run_dump(dataclasses.replace(config, out=str(tmp_path / "d")), teacher=FakeTeacher(16),
-             sequences=fake_sequences(12, 32), log=lambda *_: None)
+    _dump(tmp_path / "d", 12)
     mixed = open_training_cache(tmp_path / "d")
     _drop_feature_sums(tmp_path / "d" / mixed.parts[1].file)
     mixed = open_training_cache(tmp_path / "d")

@@ -53,7 +53,6 @@ class _Rows:
             self.read_tokens = lambda i, **kw: reader.read_tokens(int(self._rows[i]), **kw)
             self.read_features_into = lambda i, out, check=True: reader.read_features_into(
                 int(self._rows[i]), out, check)
-            self.feature_sums = lambda i: reader.feature_sums(int(self._rows[i]))
             self.has_feature_sums = reader.has_feature_sums
         else:  # ArrayRecord parts through Grain's thread-safe source, as the loader reads them
             self._records = _records(reader)
@@ -86,7 +85,6 @@ class TrainView:
         if _reads_into_batch(self._all):
             self.read_tokens, self.read_features_into = (self._all.read_tokens,
                                                          self._all.read_features_into)
-            self.feature_sums = self._all.feature_sums
             self.has_feature_sums = self._all.has_feature_sums
 
     def __len__(self) -> int:
